@@ -1,0 +1,212 @@
+"""Model and training presets: the one place every notebook, benchmark and test reads its settings.
+
+    from grit.study import resolve_preset
+    p = resolve_preset()                      # auto: CUDA -> llama3-8b, else smollm2-135m
+    p = resolve_preset("tiny", max_steps=3)   # explicit parameters win over everything
+
+Precedence for every field: explicit parameter > ``GRIT_<FIELD>`` environment variable > preset
+default. ``GRIT_PRESET`` picks the preset when no name is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+LORA_TARGETS_LLAMA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str = field(metadata={"help": "Preset name, recorded in every run summary."})
+    model_id: str = field(
+        metadata={"help": "Base model of the HF arms: a hub id, a local HF folder, or 'builtin:<name>' "
+                  "for a model this package builds offline (see grit.study.models)."})
+    baseline_model_id: str = field(
+        metadata={"help": "Base model of the Unsloth arm. Must hold the same weights as model_id "
+                  "(pre-quantized by Unsloth on the GPU preset, the same folder on CPU presets)."})
+    device: str = field(metadata={"help": "'cuda' or 'cpu'."})
+    load_in_4bit: bool = field(default=True, metadata={"help": "Quantize the base to 4-bit NF4 with double quant."})
+    compute_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "bnb compute dtype and LoRA dtype: 'bfloat16', 'float16' or 'float32'. CPU presets use "
+                  "float32 because bf16 is slow on CPUs without AMX; GPUs without bf16 fall back to float16."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha; the adapter scale is alpha/r (or alpha/sqrt(r) with rsLoRA)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    use_rslora: bool = field(default=False, metadata={"help": "Scale adapters by alpha/sqrt(r) (rsLoRA)."})
+    lora_targets: tuple[str, ...] = field(default=LORA_TARGETS_LLAMA, metadata={"help": "Module names LoRA attaches to."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Sequences per micro-batch."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
+    warmup_steps: int = field(default=5, metadata={"help": "Linear learning-rate warmup steps."})
+    max_steps: int = field(default=200, metadata={"help": "Optimizer steps per run."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "HF scheduler name."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (HF default); 0 disables."})
+    optim: str = field(
+        default="adamw_8bit",
+        metadata={"help": "HF optimizer name, the same in every arm on a device. On CPU Unsloth replaces adamw_8bit "
+                  "by adamw_torch_fused, so CPU presets name that directly."})
+    seed: int = field(default=3407, metadata={"help": "Seed for LoRA init, data order and dropout."})
+    max_seq_length: int = field(default=2048, metadata={"help": "Sequences are truncated to this many tokens."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
+    data: str = field(
+        default="hub:vicgalle/alpaca-gpt4",
+        metadata={"help": "Data source: 'hub:<dataset id>', 'synthetic', or a path to .json/.jsonl/.csv Alpaca rows. "
+                  "Only 'hub:' sources touch the network."})
+    num_examples: int = field(default=0, metadata={"help": "Rows drawn from the source before the split; 0 = all (synthetic: how many to generate)."})
+    val_size: int = field(default=200, metadata={"help": "Rows in the validation split (same rows, same order, every arm)."})
+    template: str = field(default="alpaca", metadata={"help": "'alpaca' (the seed baseline's prompt) or 'chat' (the tokenizer's chat template)."})
+    eval_steps: int = field(default=50, metadata={"help": "Evaluate on the validation split every this many steps."})
+    logging_steps: int = field(default=1, metadata={"help": "Log train/loss every this many steps."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation batch."})
+
+
+# The seed protocol, verbatim: the only preset that runs on the hub model and data.
+LLAMA3_8B = Preset(
+    name="llama3-8b",
+    model_id="NousResearch/Meta-Llama-3-8B",  # ungated 16-bit mirror of meta-llama/Meta-Llama-3-8B
+    baseline_model_id="unsloth/llama-3-8b-bnb-4bit",  # the same weights, pre-quantized by Unsloth
+    device="cuda",
+    compute_dtype="bfloat16",
+    optim="adamw_8bit",
+    max_seq_length=2048,
+    data="hub:vicgalle/alpaca-gpt4",
+    val_size=200,
+    eval_steps=25,
+)
+
+# CPU default. Budget (2-core machine, issue "Paired notebooks"): the study runs three arms plus
+# the compare notebook within 30 minutes. Measured with HF + PEFT on this machine: 4 micro-batches
+# of 2 sequences at 128 tokens cost about 6.4 s per optimizer step; synthetic rows are 60-90
+# tokens, so max_seq_length 128 never truncates them. 3 arms x 60 steps x ~6 s = 18 min of
+# training, plus evaluation (4 evals x 64 rows), model loads and export, leaves margin under 30.
+SMOLLM2_135M = Preset(
+    name="smollm2-135m",
+    model_id="builtin:smollm2-135m",
+    baseline_model_id="builtin:smollm2-135m",
+    device="cpu",
+    compute_dtype="float32",
+    optim="adamw_torch_fused",
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=4,
+    warmup_steps=5,
+    max_steps=60,
+    learning_rate=2e-4,
+    max_seq_length=128,
+    data="synthetic",
+    num_examples=2000,
+    val_size=64,
+    eval_steps=20,
+    eval_batch_size=16,
+)
+
+# Tests: a random tiny Llama with SmolLM2's real tokenizer, built locally in seconds. lora_alpha != r
+# so the adapter scale s = 2 cannot hide a missing or doubled factor of s.
+TINY = Preset(
+    name="tiny",
+    model_id="builtin:tiny",
+    baseline_model_id="builtin:tiny",
+    device="cpu",
+    compute_dtype="float32",
+    optim="adamw_torch_fused",
+    lora_r=4,
+    lora_alpha=8,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    warmup_steps=1,
+    max_steps=4,
+    max_seq_length=96,
+    gradient_checkpointing=False,
+    data="synthetic",
+    num_examples=96,
+    val_size=16,
+    eval_steps=2,
+    eval_batch_size=8,
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (LLAMA3_8B, SMOLLM2_135M, TINY)}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return False
+    return torch.cuda.is_available()
+
+
+def auto_preset_name() -> str:
+    return "llama3-8b" if cuda_available() else "smollm2-135m"
+
+
+def _parse_env(name: str, raw: str, current: Any) -> Any:
+    """Parse a GRIT_* string into the type of the preset field it overrides."""
+    try:
+        if isinstance(current, bool):
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, tuple):
+            return tuple(s.strip() for s in raw.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"environment variable GRIT_{name.upper()}={raw!r} is not a valid "
+                         f"{type(current).__name__} for preset field {name!r}") from None
+    return raw
+
+
+def resolve_preset(name: str | None = None, **overrides: Any) -> Preset:
+    """Return the preset ``name`` (or ``GRIT_PRESET``, or the auto choice) with overrides applied.
+
+    Overrides whose value is ``None`` count as not given, so notebook parameters can default to
+    ``None`` and fall through to the environment and then to the preset.
+    """
+    chosen = name or os.environ.get("GRIT_PRESET") or auto_preset_name()
+    if chosen not in PRESETS:
+        raise ValueError(f"unknown preset {chosen!r}; choose one of {sorted(PRESETS)}")
+    base = PRESETS[chosen]
+    valid = {f.name for f in dataclasses.fields(Preset)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise ValueError(f"unknown preset field(s) {sorted(unknown)}; valid fields: {sorted(valid)}")
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(Preset):
+        if f.name == "name":
+            continue
+        if overrides.get(f.name) is not None:
+            value = overrides[f.name]
+            changes[f.name] = tuple(value) if isinstance(getattr(base, f.name), tuple) else value
+        elif (raw := os.environ.get(f"GRIT_{f.name.upper()}")) is not None:
+            changes[f.name] = _parse_env(f.name, raw, getattr(base, f.name))
+    preset = dataclasses.replace(base, **changes)
+    _validate(preset)
+    return preset
+
+
+def _validate(p: Preset) -> None:
+    if p.compute_dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"compute_dtype must be 'bfloat16', 'float16' or 'float32', got {p.compute_dtype!r}")
+    if p.template not in ("alpaca", "chat"):
+        raise ValueError(f"template must be 'alpaca' or 'chat', got {p.template!r}")
+    for name in ("lora_r", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+                 "max_seq_length", "eval_steps", "eval_batch_size"):
+        if getattr(p, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(p, name)}")
+    if p.val_size < 0:
+        raise ValueError(f"val_size must be >= 0, got {p.val_size}")
+
+
+def torch_dtype(p: Preset):
+    import torch
+
+    return getattr(torch, p.compute_dtype)
