@@ -168,7 +168,25 @@ def load_base_model(preset: Preset, model_id: str | None = None):
         kwargs["quantization_config"] = bnb_config(preset)
     if preset.device == "cuda":
         kwargs["device_map"] = {"": 0}
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(model_id or preset.model_id), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_id or preset.model_id), **kwargs)
+    disable_bnb_cpu_weight_packing(model)
+    return model
+
+
+def disable_bnb_cpu_weight_packing(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel; return layers changed.
+
+    bitsandbytes 0.50 repacks a Linear4bit weight in place on the first eval-mode no-grad forward
+    (an evaluation, ``generate()``) and never unpacks it, so every backward after the first
+    evaluation is wrong (LoRA gradients of the same batch moved by 131% on the tiny preset).
+    Unsloth's CPU loader disables it the same way, so all arms run the same kernels.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def lora_config(preset: Preset):
