@@ -16,6 +16,7 @@ temporary name and renamed when complete, so an interrupted build is never mista
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from pathlib import Path
 from .presets import Preset, torch_dtype
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bumped whenever what a builder writes changes, so a stale cache folder is never reused.
+CACHE_VERSION = "v3"
 
 
 def cache_dir() -> Path:
@@ -60,6 +63,28 @@ def _build_atomically(target: Path, build) -> Path:
     return target
 
 
+def fix_bytelevel_tokenizer(folder: Path) -> bool:
+    """Make a byte-level BPE tokenizer.json look like one to llama.cpp's converter.
+
+    A tokenizer rebuilt by transformers (5.17) from a GGUF (the builtin SmolLM2 presets) carries
+    ``byte_fallback: true`` and a Sequence decoder next to a ByteLevel pre-tokenizer. The converter
+    then takes it for a SentencePiece-style Llama vocab and writes a GGUF whose tokenizer llama.cpp
+    cannot load. Byte fallback never fires after a ByteLevel pre-tokenizer (every byte has a token),
+    so clearing it and using the ByteLevel decoder changes no token ids.
+    """
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return False
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    pre = json.dumps(tj.get("pre_tokenizer"))
+    if not (tj.get("model", {}).get("byte_fallback") and '"ByteLevel"' in pre):
+        return False
+    tj["model"]["byte_fallback"] = False
+    tj["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    return True
+
+
 def smollm2_tokenizer_dir() -> Path:
     """SmolLM2's tokenizer as an HF folder (read from the GGUF metadata once)."""
 
@@ -77,9 +102,11 @@ def smollm2_tokenizer_dir() -> Path:
             token_id = int(fields[f"tokenizer.ggml.{role}_token_id"].contents())
             setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(token_id))
         tok.pad_token = tok.convert_ids_to_tokens(int(fields["tokenizer.ggml.padding_token_id"].contents()))
+        tok.clean_up_tokenization_spaces = False  # a WordPiece cleanup that corrupts BPE text
         tok.save_pretrained(tmp)
+        fix_bytelevel_tokenizer(tmp)
 
-    return _build_atomically(cache_dir() / "smollm2-135m-tokenizer", build)
+    return _build_atomically(cache_dir() / f"smollm2-135m-tokenizer-{CACHE_VERSION}", build)
 
 
 def smollm2_dir() -> Path:
@@ -101,7 +128,7 @@ def smollm2_dir() -> Path:
         for f in Path(smollm2_tokenizer_dir()).iterdir():
             shutil.copy(f, tmp / f.name)
 
-    return _build_atomically(cache_dir() / "smollm2-135m-hf", build)
+    return _build_atomically(cache_dir() / f"smollm2-135m-hf-{CACHE_VERSION}", build)
 
 
 def tiny_dir(seed: int = 0) -> Path:
@@ -115,7 +142,9 @@ def tiny_dir(seed: int = 0) -> Path:
         config = LlamaConfig(
             vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            # No pad_token_id: pad == EOS here, and HF zeroes the padding row of the embedding at init,
+            # which (tied weights) would pin the EOS logit at 0 and make EOS unlearnable.
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
             tie_word_embeddings=True, rms_norm_eps=1e-5,
         )
         torch.manual_seed(seed)
@@ -123,7 +152,7 @@ def tiny_dir(seed: int = 0) -> Path:
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
-    return _build_atomically(cache_dir() / f"tiny-llama-seed{seed}", build)
+    return _build_atomically(cache_dir() / f"tiny-llama-seed{seed}-{CACHE_VERSION}", build)
 
 
 BUILTIN = {"builtin:smollm2-135m": smollm2_dir, "builtin:tiny": tiny_dir}

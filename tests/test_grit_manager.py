@@ -1,0 +1,269 @@
+"""GRITManager: preconditioned gradients against dense float64 solves, schedule, state, robustness.
+
+Dense references use the brute-force factors of tests/grit_fixtures.BruteForce (float64, from
+per-token u and ĝ), never the manager's own factors.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from grit import GRITConfig, GRITManager, expected_preconditioned_steps
+from grit_fixtures import BruteForce, batch, host, lora_pairs, tiny_lora_model
+
+NG = dict(kfac_update_freq=1, kfac_min_samples=1, lambda_kfac=0.0, lambda_reproj=0.0)
+
+
+def grads_of(model, adapter="default"):
+    return {name: (host(layer.lora_A[adapter].weight.grad),
+                   host(layer.lora_B[adapter].weight.grad))
+            for name, layer in lora_pairs(model, adapter)}
+
+
+def damped(F, value, mode):
+    lam = value * torch.trace(F) / F.shape[0] if mode == "relative" else torch.tensor(value, dtype=F.dtype)
+    return F + lam * torch.eye(F.shape[0], dtype=F.dtype)
+
+
+def dense_expectation(raw, factors, model, pairing, damping, mode, adapter="default", swap=False):
+    """{name: (∇A', ∇B')} by float64 linear solves with the brute-force factors."""
+    out = {}
+    for name, layer in lora_pairs(model, adapter):
+        U, G = factors[name]["U"], factors[name]["G"]
+        s = float(layer.scaling[adapter])
+        F_A, F_B = (G, U) if pairing == "kfac" else (U, G / s**2)
+        if swap:
+            F_A, F_B = F_B, F_A
+        gA, gB = raw[name]
+        out[name] = (torch.linalg.solve(damped(F_A, damping, mode), gA),
+                     torch.linalg.solve(damped(F_B, damping, mode), gB.T).T)
+    return out
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+@pytest.mark.parametrize("pairing,rslora,mode,damping", [
+    ("kfac", False, "relative", 0.1), ("kfac", True, "absolute", 1e-3),
+    ("reference", False, "relative", 0.05), ("reference", True, "absolute", 1e-4)])
+def test_preconditioned_grads_equal_dense_solve_and_not_the_swapped_one(pairing, rslora, mode, damping):
+    model = tiny_lora_model(seed=5, rslora=rslora, alpha=12)
+    brute = BruteForce(model)
+    cfg = GRITConfig(pairing=pairing, kfac_damping=damping, kfac_damping_mode=mode, **NG)
+    manager = GRITManager(model, cfg)
+    for b in (batch(20, pad_lengths=(0, 4, 2)), batch(21, pad_lengths=(3, 0, 0))):
+        brute.mask = b["attention_mask"]
+        (model(**b).loss / 2).backward()
+    raw = grads_of(model)
+    assert manager.step() is True
+    got = grads_of(model)
+    factors = brute.factors()
+    want = dense_expectation(raw, factors, model, pairing, damping, mode)
+    swapped = dense_expectation(raw, factors, model, pairing, damping, mode, swap=True)
+    for name in want:
+        for side in (0, 1):
+            assert rel(got[name][side], want[name][side]) < 1e-4, (name, "AB"[side])
+            # The swapped pairing is far away, so this test fails if the factors are exchanged.
+            assert rel(swapped[name][side], want[name][side]) > 0.05, (name, "AB"[side])
+            assert rel(raw[name][side], want[name][side]) > 0.05, "preconditioning must change the gradient"
+    assert manager.preconditioned_steps == 1
+    m = manager.metrics()
+    expected_norm = torch.sqrt(sum(w.pow(2).sum() for pair in want.values() for w in pair))
+    assert m["grit/ng_grad_norm"] == pytest.approx(float(expected_norm), rel=1e-4)
+    assert m["grit/cond_min"] >= 1.0 and m["grit/skipped_modules"] == 0
+    manager.close()
+
+
+def test_any_adapter_name_and_only_lora_grads_touched():
+    model = tiny_lora_model(seed=6, adapter="task", targets=("q_proj", "k_proj", "o_proj", "up_proj"))
+    for p in model.parameters():  # a non-LoRA trainable parameter must be left alone
+        p.requires_grad_(True)
+    manager = GRITManager(model, GRITConfig(**NG))
+    assert manager.adapter_name == "task" and len(manager.lora_modules) == 2 * 4
+    model(**batch(0)).loss.backward()
+    other = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    assert manager.step()
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p.grad, other[n]), n
+    with pytest.raises(ValueError, match="adapter"):
+        GRITManager(model, GRITConfig(adapter_name="nope"))
+    with pytest.raises(ValueError, match="lora_rank"):
+        GRITManager(model, GRITConfig(lora_rank=8))
+
+
+@pytest.mark.parametrize("freq,warmup,min_samples,max_steps,expected", [
+    (1, 0, 1, 6, 6),     # inverted at step 1, preconditioned from step 1
+    (3, 0, 1, 10, 8),    # first update at step 3: steps 3..10
+    (3, 4, 1, 10, 6),    # warm-up wins: steps 5..10
+    (2, 0, 60, 9, 6),    # 21 tokens/step: 42 < 60 at step 2, 84 at step 4: steps 4..9
+    (5, 0, 1, 4, 0),     # no update within the run
+])
+def test_number_of_preconditioned_steps_follows_the_documented_rule(freq, warmup, min_samples, max_steps, expected):
+    model = tiny_lora_model(seed=7, targets=("v_proj",))
+    cfg = GRITConfig(kfac_update_freq=freq, ng_warmup_steps=warmup, kfac_min_samples=min_samples,
+                     lambda_kfac=0.0, lambda_reproj=0.0)
+    manager = GRITManager(model, cfg)
+    flags = []
+    for step in range(max_steps):
+        model(**batch(step, pad_lengths=(0, 3, 6))).loss.backward()  # 21 tokens per step
+        flags.append(manager.step())
+        model.zero_grad()
+    assert manager.preconditioned_steps == sum(flags) == expected  # `expected` is worked out by hand above
+    assert expected_preconditioned_steps(cfg, max_steps, 21) == expected
+    assert manager.optimizer_steps == max_steps
+
+
+def test_precondition_off_and_no_regularizers_is_bit_identical():
+    control = tiny_lora_model(seed=8, dtype=torch.float32)
+    grit_model = copy.deepcopy(control)
+    manager = GRITManager(grit_model, GRITConfig(precondition=False, lambda_kfac=0.0, lambda_reproj=0.0,
+                                                 kfac_update_freq=2, kfac_min_samples=1))
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (control, grit_model)]
+    for step in range(4):
+        for model, opt in zip((control, grit_model), opts):
+            model(**batch(step)).loss.backward()
+            if model is grit_model:
+                assert manager.step() is False
+            opt.step()
+            opt.zero_grad()
+    for (n, a), b in zip(control.named_parameters(), grit_model.parameters()):
+        assert torch.equal(a, b), n
+    m = manager.metrics()
+    assert m["grit/stat_tokens"] > 0 and m["grit/inversions"] == 2 and m["grit/preconditioned_steps"] == 0
+
+
+def test_state_dict_round_trip_resumes_identically():
+    cfg = GRITConfig(kfac_update_freq=2, kfac_min_samples=1, lambda_kfac=1e-3, lambda_reproj=1e-3,
+                     stat_update="ema", stat_ema_decay=0.5)
+    model = tiny_lora_model(seed=9, dtype=torch.float32)
+    manager = GRITManager(model, cfg)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def train(model, manager, opt, steps):
+        for step in steps:
+            model(**batch(step)).loss.backward()
+            manager.step()
+            opt.step()
+            opt.zero_grad()
+
+    train(model, manager, opt, range(5))  # 2 inversions, and pending statistics of step 5
+    buffer = io.BytesIO()
+    torch.save({"grit": manager.state_dict(), "model": model.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+
+    resumed_model = tiny_lora_model(seed=123, dtype=torch.float32)  # other weights, overwritten below
+    resumed_model.load_state_dict(saved["model"])
+    resumed = GRITManager(resumed_model, cfg)
+    resumed.load_state_dict(saved["grit"])
+    assert (resumed.optimizer_steps, resumed.preconditioned_steps, resumed.inversions) == (5, 4, 2)
+    for name, f in manager.factors().items():
+        for key, value in f.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed.factors()[name][key])), (name, key)
+    resumed_opt = torch.optim.SGD([p for p in resumed_model.parameters() if p.requires_grad], lr=1e-3)
+    train(model, manager, opt, range(5, 8))
+    train(resumed_model, resumed, resumed_opt, range(5, 8))
+    for (n, a), b in zip(model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), n
+    assert manager.metrics()["grit/preconditioned_steps"] == resumed.metrics()["grit/preconditioned_steps"] == 7
+
+
+def _all_finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_batch_after_first_inversion_keeps_parameters_finite():
+    model = tiny_lora_model(seed=10, dtype=torch.float32)
+    manager = GRITManager(model, GRITConfig(kfac_min_samples=1, kfac_update_freq=1, lambda_kfac=1e-4,
+                                            lambda_reproj=1e-4))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model(**batch(0)).loss.backward()
+    assert manager.step()
+    opt.step()
+    opt.zero_grad()
+    before = manager.factors()
+    poisoned = batch(1)
+    embeds = model.get_input_embeddings()(poisoned.pop("input_ids")).detach()
+    embeds[1, 2] = float("nan")
+    embeds[0, 0, 0] = float("inf")
+    loss = model(inputs_embeds=embeds, **poisoned).loss
+    assert not torch.isfinite(loss)
+    loss.backward()
+    assert manager.step()
+    opt.step()
+    opt.zero_grad()
+    assert _all_finite(model)
+    m = manager.metrics()
+    assert m["grit/skipped_modules"] == len(manager.lora_modules)  # every module's statistics were rejected
+    assert m["grit/nonfinite_grads"] > 0
+    after = manager.factors()
+    for name in before:  # the factors and inverses of the first inversion were kept
+        assert torch.equal(before[name]["inv_A"], after[name]["inv_A"])
+        assert torch.equal(before[name]["U"], after[name]["U"])
+    model(**batch(2)).loss.backward()  # and training goes on normally
+    assert manager.step()
+    opt.step()
+    assert _all_finite(model) and manager.metrics()["grit/skipped_modules"] == len(manager.lora_modules)
+
+
+def test_nan_injected_into_a_factor_is_skipped_counted_and_replaced():
+    model = tiny_lora_model(seed=11, dtype=torch.float32)
+    manager = GRITManager(model, GRITConfig(kfac_min_samples=1, kfac_update_freq=1))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model(**batch(0)).loss.backward()
+    manager.step()
+    opt.step()
+    opt.zero_grad()
+    first = manager.lora_module_names[0]
+    group = manager._modules[0].group
+    group.G[manager._modules[0].index, 0, 1] = float("nan")   # a corrupted stored factor
+    group.pend[1, 2, 2] = float("inf")                        # and a corrupted pending statistic
+    model(**batch(1)).loss.backward()
+    assert manager.step()
+    opt.step()
+    assert _all_finite(model)
+    assert manager.metrics()["grit/skipped_modules"] == 2
+    f = manager.factors()
+    assert all(torch.isfinite(t).all() for v in f.values() for t in v.values() if isinstance(t, torch.Tensor))
+    assert f[first]["tokens"] == 21  # the corrupted factor was forgotten and rebuilt from the new batch alone
+    names = manager.lora_module_names
+    assert f[names[1]]["tokens"] == 21  # its corrupted new statistics were rejected, its history kept
+    assert f[names[2]]["tokens"] == 42  # an untouched module folded both batches
+
+
+@pytest.mark.slow
+def test_4bit_bitsandbytes_model_is_found_and_preconditioned():
+    from bitsandbytes.nn import Linear4bit
+
+    from grit.study.models import load_peft_model, load_tokenizer
+    from grit.study.presets import resolve_preset
+
+    preset = resolve_preset("tiny")
+    model = load_peft_model(preset)
+    layers = [layer for layer in model.modules() if hasattr(layer, "lora_A") and "default" in layer.lora_A]
+    assert layers and all(isinstance(layer.base_layer, Linear4bit) for layer in layers)
+    g = torch.Generator().manual_seed(0)
+    for layer in layers:  # PEFT starts with B = 0, where G = 0 and ∇A = 0: move B so both sides are non-trivial
+        w = layer.lora_B["default"].weight
+        w.data.copy_(0.1 * torch.randn(w.shape, generator=g, dtype=w.dtype))
+    brute = BruteForce(model)
+    manager = GRITManager(model, GRITConfig(lora_rank=preset.lora_r, **NG))
+    assert len(manager.lora_modules) == len(layers) == 2 * len(preset.lora_targets)
+    tok = load_tokenizer(preset.model_id)
+    enc = tok(["Name a primary color. Red.", "Hi"], return_tensors="pt", padding=True)
+    enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    brute.mask = enc["attention_mask"]
+    model.train()
+    model(**enc).loss.backward()
+    raw = grads_of(model)
+    assert manager.step() and manager.preconditioned_steps == 1
+    got = grads_of(model)
+    want = dense_expectation(raw, brute.factors(), model, "kfac", 0.1, "relative")
+    for name in want:
+        for side in (0, 1):
+            assert rel(got[name][side], want[name][side]) < 1e-3, (name, side)
+    manager.close()
