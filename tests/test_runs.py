@@ -41,7 +41,6 @@ def recorded_run(tmp_path_factory):
     tok = load_tokenizer(preset.model_id)
     data = arms.study_data(preset, tok)
     model = load_peft_model(preset)
-    arms.disable_bnb_cpu_weight_packing(model)
     captured: list[dict] = []
     pad = PadCollator(tok.pad_token_id)
 
@@ -173,31 +172,3 @@ def test_arm_names_follow_the_switches():
     assert name(pairing="reference") == "reference"
     assert arm_name(GritSettings(), None, loss_on_padding=True) == "padding_artifact"
     assert arm_name(None) == "baseline"
-
-
-@pytest.mark.slow
-def test_an_evaluation_forward_does_not_change_the_next_gradients():
-    """bitsandbytes repacks 4-bit weights on the first eval forward on AVX512-BF16 CPUs and backward is
-    wrong afterwards; the HF arms evaluate at step 0, so they must keep the trainable layout."""
-    from grit.study import arms
-    from grit.study.data import PadCollator
-    from grit.study.models import load_peft_model, load_tokenizer
-
-    preset = arms.study_preset("tiny")
-    tok = load_tokenizer(preset.model_id)
-    batch = PadCollator(tok.pad_token_id)(arms.study_data(preset, tok).train[:4])
-
-    def grads(model):
-        model.train()
-        model.zero_grad()
-        model(**batch).loss.backward()
-        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    model = load_peft_model(preset)
-    assert arms.disable_bnb_cpu_weight_packing(model) == 2 * len(preset.lora_targets)
-    before = grads(model)
-    model.eval()
-    with torch.no_grad():
-        model(**batch)
-    for a, b in zip(before, grads(model)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -124,22 +124,6 @@ def collator(preset: Preset, tokenizer, loss_on_padding: bool = False) -> PadCol
                        max_seq_length=preset.max_seq_length if loss_on_padding else None)
 
 
-def disable_bnb_cpu_weight_packing(model) -> int:
-    """Keep every bitsandbytes 4-bit layer on its trainable layout; returns how many layers were touched.
-
-    bitsandbytes 0.50 repacks a ``Linear4bit`` weight in place for its AVX512-BF16 CPU kernel on the
-    first eval-mode forward without grad (our step-0 evaluation, generate()) and never unpacks it;
-    backward through the packed weight is then wrong and QLoRA learning stalls. Unsloth's CPU loader
-    turns the repacking off for the same reason; the HF arms must do the same to train alike.
-    """
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
-
-
 def training_arguments(preset: Preset, output_dir: str) -> dict[str, Any]:
     """The TrainingArguments fields every arm shares (SFTConfig takes them too)."""
     return dict(
@@ -334,7 +318,6 @@ def run_hf(preset: Preset, grit: GritSettings | None = None, *, logdir: str = DE
     tokenizer = load_tokenizer(preset.model_id)
     data = study_data(preset, tokenizer)
     model = load_peft_model(preset)
-    disable_bnb_cpu_weight_packing(model)
     # The control builds no GRIT object at all: nothing of GRIT can touch its run.
     config = None if grit.is_control else grit_config(preset, grit)
     base_arm = arm_name(grit, config)

@@ -189,7 +189,6 @@ def bnb_config(preset: Preset):
 
 def load_base_model(preset: Preset, model_id: str | None = None):
     """The HF arm's base model: 4-bit NF4 with double quant when the preset says so."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch_dtype(preset)}

@@ -1,0 +1,90 @@
+"""The main job: execute the study's notebooks with papermill and keep the executed copies.
+
+    python -m grit.study.main study       # 01 baseline, 02 GRIT, 02 control, 03 compare (make study)
+    python -m grit.study.main ablations   # natural gradient only, regularizers only, reference pairing,
+                                          # the published padding artifact, then 03 again (make ablations)
+
+Every notebook runs in its own kernel (Unsloth patches transformers on import, so the arms must not
+share a process) with the auto preset unless ``GRIT_PRESET`` says otherwise. 03 then writes the plots
+and ``readme_files/results.md``, and the results table is copied into README.md between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOKS = REPO / "notebooks"
+BASELINE, GRIT, COMPARE = "01_baseline_qlora_unsloth", "02_pure_grit", "03_compare"
+
+# The published GRIT inverts every 50 steps (GRITConfig's default). The CPU study runs 60 steps, so at 50
+# only 11 steps would be preconditioned; every 10 steps gives 51 and costs next to nothing (r x r factors).
+GRIT_SETTINGS = {"KFAC_UPDATE_FREQ": 10}
+
+STUDY = [
+    (BASELINE, "01_baseline", {"EXPORT": True}),
+    (GRIT, "02_grit", {"EXPORT": True, **GRIT_SETTINGS}),
+    (GRIT, "02_control", {"EXPORT": True, "PRECONDITION": False}),
+]
+ABLATIONS = [
+    (GRIT, "02_ng_only", {**GRIT_SETTINGS, "LAMBDA_KFAC": 0.0, "LAMBDA_REPROJ": 0.0}),
+    (GRIT, "02_reg_only", {**GRIT_SETTINGS, "PRECONDITION": False, "LAMBDA_KFAC": 1e-5, "LAMBDA_REPROJ": 1e-4}),
+    (GRIT, "02_reference", {**GRIT_SETTINGS, "PAIRING": "reference"}),
+    (GRIT, "02_padding_artifact", {**GRIT_SETTINGS, "LOSS_ON_PADDING": True}),
+]
+RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def execute(notebook: str, output_name: str, parameters: dict, notebook_dir: Path) -> float:
+    import papermill
+
+    out = notebook_dir / f"{output_name}.ipynb"
+    print(f"[study] {notebook} -> {out} {parameters}", flush=True)
+    t0 = time.time()
+    papermill.execute_notebook(str(NOTEBOOKS / f"{notebook}.ipynb"), str(out), parameters=parameters,
+                               cwd=str(REPO), kernel_name="python3", progress_bar=False, log_output=True)
+    seconds = time.time() - t0
+    print(f"[study] {output_name}: {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def include_results(readme: Path, results: Path) -> None:
+    """Replace README's results section with 03's table, so the README shows what the logs hold."""
+    text = readme.read_text(encoding="utf-8")
+    if RESULTS_START not in text or RESULTS_END not in text:
+        raise RuntimeError(f"{readme} lacks the {RESULTS_START} / {RESULTS_END} markers around its results section")
+    head, rest = text.split(RESULTS_START, 1)
+    _, tail = rest.split(RESULTS_END, 1)
+    table = results.read_text(encoding="utf-8").strip()
+    readme.write_text(f"{head}{RESULTS_START}\n{table}\n{RESULTS_END}{tail}", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", choices=["study", "ablations"])
+    parser.add_argument("--logdir", default="tensorboard_logs", help="TensorBoard root every run writes into")
+    parser.add_argument("--notebook-dir", default="outputs/notebooks", help="where executed notebooks are kept")
+    parser.add_argument("--figures", default="readme_files", help="where 03 writes plots and results.md")
+    args = parser.parse_args(argv)
+
+    from .presets import resolve_preset
+
+    preset = resolve_preset().name
+    notebook_dir = Path(args.notebook_dir)
+    notebook_dir.mkdir(parents=True, exist_ok=True)
+    common = {"LOGDIR": args.logdir}
+    t0 = time.time()
+    for notebook, name, params in STUDY if args.job == "study" else ABLATIONS:
+        execute(notebook, name, {**common, **params}, notebook_dir)
+    execute(COMPARE, f"03_compare_{args.job}", {**common, "PRESET": preset, "OUTPUT_DIR": args.figures}, notebook_dir)
+    if args.job == "study":
+        include_results(REPO / "README.md", Path(args.figures) / "results.md")
+    print(f"[study] {args.job} on preset {preset}: {time.time() - t0:.0f} s in all", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
