@@ -1,0 +1,283 @@
+"""HF ``Trainer`` glue: ``GritTrainer`` (a Trainer subclass) and ``GritCallback`` (for TRL's SFTTrainer).
+
+    manager = GRITManager(model, GRITConfig(lora_rank=16))
+    trainer = GritTrainer(model=model, args=args, train_dataset=ds, data_collator=collate, grit_manager=manager)
+    trainer.train()
+
+What transformers 5.17 really does per optimizer step (``Trainer._run_epoch``), and where GRIT goes:
+
+    backward of every micro-batch              <- the manager's hooks capture u and g-hat
+    if args.max_grad_norm > 0: _clip_grad_norm <- GritTrainer runs manager.step() first, so the
+                                                  Trainer's clip bounds the natural-gradient step
+    _get_grad_norm (always called)             <- with max_grad_norm == 0 there is no clip call:
+                                                  GritTrainer runs manager.step() here instead
+    callback on_pre_optimizer_step             <- GritCallback runs manager.step() here and re-clips
+    optimizer.step()                           <- GritOptimizer runs manager.step() here and re-clips
+
+``create_optimizer_and_scheduler`` and an ``optimizer_step`` method are never called by that loop,
+which is how the published GRIT code ended up preconditioning nothing; each path here counts the
+optimizer steps it preconditioned, and the tests count them in real ``Trainer.train()`` runs.
+
+Logging: ``manager.metrics()`` ("grit/..." scalars) are merged into the logs dict of every
+training log step, before the reporting callbacks see it; TensorBoard's callback prefixes every
+training key with ``train/``, so they land as ``train/grit/...`` next to ``train/loss``. The
+regularizers act on ``.grad`` inside ``manager.step()`` and are never added to the loss, so
+``loss`` / ``train/loss`` is the task loss alone.
+
+Checkpoints: ``manager.state_dict()`` is written as ``grit_state.pt`` in every checkpoint folder
+and loaded back by ``trainer.train(resume_from_checkpoint=...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from grit.optim import GritOptimizer, _check_max_grad_norm, clip_after_preconditioning
+
+__all__ = ["GRIT_STATE_NAME", "GritCallback", "GritTrainer", "load_grit_state", "save_grit_state"]
+
+logger = logging.getLogger(__name__)
+
+GRIT_STATE_NAME = "grit_state.pt"
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        if p.requires_grad:
+            return p.device
+    return torch.device("cpu")
+
+
+def save_grit_state(manager, checkpoint_dir: str) -> str:
+    """Write ``manager.state_dict()`` to ``checkpoint_dir/grit_state.pt``; returns the path."""
+    path = os.path.join(checkpoint_dir, GRIT_STATE_NAME)
+    torch.save(manager.state_dict(), path)
+    return path
+
+
+def load_grit_state(manager, checkpoint_dir: str, device: torch.device | str = "cpu") -> None:
+    """Load ``checkpoint_dir/grit_state.pt`` into ``manager`` (tensors mapped to ``device``)."""
+    path = os.path.join(checkpoint_dir, GRIT_STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: this checkpoint has no GRIT state (it was not written by GritTrainer or "
+            "GritCallback). Resuming would restart the K-FAC statistics and warm-up from zero, which is a "
+            "different run; start a fresh run instead, or load what you want into the manager yourself.")
+    manager.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+
+
+def _merge_metrics(manager, logs: dict, path: str, preconditioned_steps: int) -> dict:
+    """The "grit/..." scalars for one training log step: the manager's, plus the count of this glue path.
+
+    ``grit/preconditioned_steps`` is the manager's count; ``grit/preconditioned_steps_<path>`` counts the
+    optimizer steps this path saw preconditioned. They differ only if something else also calls
+    ``manager.step()`` (a second glue path would precondition twice).
+    """
+    metrics = {k if k.startswith("grit/") else f"grit/{k}": float(v) for k, v in manager.metrics().items()}
+    metrics[f"grit/preconditioned_steps_{path}"] = float(preconditioned_steps)
+    logs.update(metrics)
+    return metrics
+
+
+def _is_training_log(logs: dict) -> bool:
+    # Training log steps carry "loss"; evaluation logs carry "eval_*" and the final summary "train_loss".
+    return "loss" in logs and not any(k.startswith(("eval_", "test_")) for k in logs)
+
+
+class GritTrainer(Trainer):
+    """An HF ``Trainer`` that preconditions LoRA gradients with GRIT once per optimizer step.
+
+    ``manager.step()`` runs just before the Trainer clips (``_clip_grad_norm``), or, with
+    ``max_grad_norm=0``, just before it measures the gradient norm (``_get_grad_norm``), so the
+    logged ``grad_norm`` is the natural gradient's and clipping bounds the natural-gradient step.
+    A guard in ``on_pre_optimizer_step`` makes sure it ran exactly once per optimizer step even if
+    a future transformers skips both methods (then it preconditions there and re-clips, with a warning).
+
+    Args:
+        grit_manager: the ``GRITManager`` built on ``model`` (keyword only, as in the seed notebook).
+        everything else: as ``transformers.Trainer``.
+
+    ``self.grit_preconditioned_steps`` counts the optimizer steps this trainer preconditioned.
+    """
+
+    def __init__(self, *args, grit_manager=None, **kwargs):
+        if grit_manager is None:
+            raise ValueError("GritTrainer needs grit_manager=GRITManager(model, config); without it use a plain "
+                             "Trainer (the control arm)")
+        # A second glue path on the same trainer would call manager.step() twice per optimizer step.
+        optimizer = (kwargs.get("optimizers") or (None, None))[0]
+        if isinstance(optimizer, GritOptimizer):
+            raise ValueError("GritTrainer preconditions by itself: pass the plain optimizer, not a GritOptimizer")
+        if any(isinstance(cb, GritCallback) for cb in kwargs.get("callbacks") or []):
+            raise ValueError("GritTrainer preconditions by itself: do not also pass a GritCallback")
+        super().__init__(*args, **kwargs)
+        if self.args.fp16:
+            # GradScaler scales the loss before backward, so the hooks would see g-hat times the scale and
+            # G would be off by its square; bf16 autocast has no scaler.
+            raise ValueError("GritTrainer does not support fp16 mixed precision (loss scaling distorts the "
+                             "K-FAC statistics); use bf16=True or full precision")
+        self.grit_manager = grit_manager
+        self.grit_preconditioned_steps = 0
+        self._grit_pending = False
+        self.add_callback(_GritTrainerGuard(self))
+
+    # -- where the natural gradient happens ------------------------------------------------------
+    def _grit_precondition(self) -> bool:
+        """Run ``manager.step()`` if it has not run in this optimizer step; True if it ran now."""
+        if not self._grit_pending:
+            return False
+        self._grit_pending = False
+        if self.grit_manager.step():
+            self.grit_preconditioned_steps += 1
+        return True
+
+    def _clip_grad_norm(self, model):
+        self._grit_precondition()
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self._grit_precondition()
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    # -- logging -------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if _is_training_log(logs):
+            _merge_metrics(self.grit_manager, logs, "trainer", self.grit_preconditioned_steps)
+        super().log(logs, start_time)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    # The manager's statistics and inverses are optimizer state: saved and loaded with the optimizer, so
+    # save_only_model (which cannot resume anyway) skips them too.
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            save_grit_state(self.grit_manager, output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            load_grit_state(self.grit_manager, checkpoint, _model_device(self.model))
+
+
+def _check_in_step(manager, state, owner) -> None:
+    """Warn once if the manager's step count and the Trainer's disagree (step() called elsewhere too, or a
+    manager reused across runs, whose schedule and statistics then carry over)."""
+    if manager.optimizer_steps != state.global_step and not getattr(owner, "_warned_count", False):
+        owner._warned_count = True
+        logger.warning("GRIT: the manager has counted %d optimizer steps but the Trainer is at step %d; is "
+                       "manager.step() also called elsewhere, or is this manager reused from another run? "
+                       "(its schedule and statistics carry over)", manager.optimizer_steps, state.global_step)
+
+
+class _GritTrainerGuard(TrainerCallback):
+    """Opens each optimizer step for GritTrainer and checks that it was preconditioned before the update."""
+
+    def __init__(self, trainer: GritTrainer):
+        self.trainer = trainer
+        self._warned = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._grit_pending = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _check_in_step(self.trainer.grit_manager, state, self)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.trainer._grit_precondition():
+            # Only reachable if the Trainer called neither _clip_grad_norm nor _get_grad_norm this step.
+            if not self._warned:
+                logger.warning("GritTrainer: transformers did not call _clip_grad_norm/_get_grad_norm before "
+                               "optimizer.step(); preconditioning in on_pre_optimizer_step and re-clipping instead")
+                self._warned = True
+            clip_after_preconditioning(model.parameters(), args.max_grad_norm)
+
+
+class GritCallback(TrainerCallback):
+    """GRIT for any ``Trainer`` you cannot subclass (TRL's ``SFTTrainer``): precondition in ``on_pre_optimizer_step``.
+
+        trainer = SFTTrainer(model=model, args=sft_args, train_dataset=ds, data_collator=collate)
+        GritCallback(manager).install(trainer)     # first in line, so TensorBoard sees the grit/ metrics
+        trainer.train()
+
+    The Trainer clips to ``args.max_grad_norm`` *before* ``on_pre_optimizer_step``, so this callback
+    only sees clipped gradients; preconditioning can make them much longer again. It therefore
+    re-clips the preconditioned gradients to ``max_grad_norm`` (``None``: the Trainer's
+    ``args.max_grad_norm``; ``0``: no re-clip). The logged ``grad_norm`` is the Trainer's, measured
+    before preconditioning; use GritTrainer if you want clipping and ``grad_norm`` on the natural gradient.
+
+    Logging: ``on_log`` adds the "grit/..." metrics to the logs dict (and to ``state.log_history``).
+    Callbacks run in list order and the Trainer puts its reporting callbacks (TensorBoard) before the
+    ones passed as ``callbacks=[...]``: ``install(trainer)`` moves this callback to the front so that
+    TensorBoard writes ``train/grit/...``. Passed via ``callbacks=`` the metrics still reach
+    ``trainer.state.log_history`` but not the reporters that come earlier in the list.
+
+    Checkpoints: ``on_save`` writes ``grit_state.pt`` into ``output_dir/checkpoint-<step>``. Callbacks are
+    not told the ``resume_from_checkpoint`` path, so on a resumed run ``on_train_begin`` loads it from
+    ``args.resume_from_checkpoint`` if set, else ``output_dir/checkpoint-<global_step>``; call
+    ``resume_from(path)`` before ``train()`` for a checkpoint elsewhere.
+
+    ``self.preconditioned_steps`` counts the optimizer steps this callback preconditioned.
+    """
+
+    def __init__(self, manager, max_grad_norm: float | None = None):
+        _check_max_grad_norm(max_grad_norm, "GritCallback")
+        self.manager = manager
+        self.max_grad_norm = max_grad_norm
+        self.preconditioned_steps = 0
+        self._resume_dir: str | None = None
+
+    def install(self, trainer: Trainer) -> "GritCallback":
+        """Put this callback first in ``trainer``'s callback list (moving it if it is already there)."""
+        if isinstance(trainer, GritTrainer):
+            raise ValueError("GritTrainer preconditions by itself: do not also install a GritCallback")
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        return self
+
+    def resume_from(self, checkpoint_dir: str) -> None:
+        """Load the manager state from ``checkpoint_dir`` at the start of the next ``train()``."""
+        self._resume_dir = checkpoint_dir
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        resuming = state.global_step > 0 and self.manager.optimizer_steps != state.global_step
+        if self._resume_dir is None and not resuming:
+            return
+        path = self._resume_dir
+        if path is None:
+            explicit = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
+            path = explicit or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        load_grit_state(self.manager, path, _model_device(model) if model is not None else "cpu")
+        self._resume_dir = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.manager.step():
+            self.preconditioned_steps += 1
+        # The Trainer already clipped the raw gradient; bound the preconditioned one again.
+        max_norm = args.max_grad_norm if self.max_grad_norm is None else self.max_grad_norm
+        clip_after_preconditioning(model.parameters(), max_norm)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _check_in_step(self.manager, state, self)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or not _is_training_log(logs):
+            return
+        metrics = _merge_metrics(self.manager, logs, "callback", self.preconditioned_steps)
+        # Trainer.log appended a copy of logs to log_history before calling on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        checkpoint_dir = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(checkpoint_dir):
+            logger.warning("GritCallback: %s does not exist, GRIT state not saved with this checkpoint", checkpoint_dir)
+            return
+        save_grit_state(self.manager, checkpoint_dir)

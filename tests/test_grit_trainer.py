@@ -1,0 +1,513 @@
+"""GRIT inside real ``Trainer.train()`` runs: the natural gradient is applied, once per step, where it should be.
+
+Every expectation is computed here, independently of ``grit``: per-token u (lora_A's output) and ĝ
+(the gradient at it) are collected with plain hooks on a copy of the model, the factors
+G = E[ĝĝᵀ], U = E[uuᵀ] are built densely in float64 over the non-padding positions, and the
+preconditioned gradients (G+λI)⁻¹∇A, ∇B(U+λI)⁻¹ are solved in float64 with the damping rule of
+``GRITConfig`` (relative: λ = kfac_damping·tr(F)/r). The models are tiny random Llamas with LoRA
+r=4, alpha=8 (s = 2) or rsLoRA (s = alpha/√r), so a missing or doubled s cannot hide.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from grit import GRITConfig, GRITManager
+from grit.optim import GritOptimizer
+from grit.study.data import PadCollator
+from grit.trainer import GRIT_STATE_NAME, GritCallback, GritTrainer
+
+VOCAB = 256
+PAD = 0
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+COLLATE = PadCollator(pad_token_id=PAD)
+
+
+# ----------------------------------------------------------------------------- builders
+
+def tiny_model(seed: int = 0, *, r: int = 4, alpha: int = 8, rslora: bool = False):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = get_peft_model(LlamaForCausalLM(config),
+                           LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, lora_dropout=0.0,
+                                      target_modules=TARGETS, task_type="CAUSAL_LM"))
+    # PEFT starts B at 0, which makes ĝ = s·Bᵀ∂L/∂y and so G exactly 0: give B values so both factors carry curvature.
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def random_examples(n: int, seed: int = 0, min_len: int = 5, max_len: int = 14, prompt: int = 2) -> list[dict]:
+    """Token rows of different lengths (so batches are padded), the first ``prompt`` tokens not in the loss."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        ids = torch.randint(3, VOCAB, (length,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def train_args(out, cls=TrainingArguments, **overrides):
+    """Default: one optimizer step (2 micro-batches of 2) of plain SGD, lr 1, no momentum/decay/clip, constant
+    schedule, data in order."""
+    kw = dict(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+              learning_rate=1.0, optim="sgd", weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
+              max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+              train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
+              remove_unused_columns=False)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def grit_config(**overrides) -> GRITConfig:
+    """Precondition from step 1 with that step's factors, no regularizers, relative damping 0.1."""
+    kw = dict(kfac_update_freq=1, kfac_min_samples=0, ng_warmup_steps=0, kfac_damping=0.1,
+              kfac_damping_mode="relative", lambda_kfac=0.0, lambda_reproj=0.0, enable_reprojection=False)
+    kw.update(overrides)
+    return GRITConfig(**kw)
+
+
+def lora_layers(model, adapter: str = "default"):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+
+def lora_params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def all_params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- the independent reference
+
+def reference_step(model, batches: list[dict], adapter: str = "default") -> dict[str, dict]:
+    """Gradients and K-FAC factors of one optimizer step over ``batches``, float64, without grit.
+
+    The loss is what the Trainer backpropagates here: the token-summed cross entropy of each micro-batch
+    divided by the number of loss tokens of the whole step. Returns per LoRA layer name:
+    gA (r, d_in), gB (d_out, r), G (r, r) = E[ĝĝᵀ], U (r, r) = E[uuᵀ] (E over non-padding positions).
+    """
+    m = copy.deepcopy(model)
+    m.train()
+    n_loss_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    seen: dict[str, dict[str, list]] = {}
+    handles = []
+    for name, layer in lora_layers(m, adapter):
+        seen[name] = {"u": [], "g": []}
+
+        def hook(module, inputs, u, name=name):
+            seen[name]["u"].append(u.detach().double())
+            u.register_hook(lambda g, name=name: seen[name]["g"].append(g.detach().double()))
+
+        handles.append(layer.lora_A[adapter].register_forward_hook(hook))
+    for b in batches:
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), b["labels"][:, 1:].reshape(-1),
+                             ignore_index=-100, reduction="sum")
+        (ce / n_loss_tokens).backward()
+    for h in handles:
+        h.remove()
+    masks = [b["attention_mask"].bool() for b in batches]
+    count = sum(int(k.sum()) for k in masks)
+    out = {}
+    for name, layer in lora_layers(m, adapter):
+        u = torch.cat([x[k] for x, k in zip(seen[name]["u"], masks)])  # (tokens, r)
+        g = torch.cat([x[k] for x, k in zip(seen[name]["g"], masks)])
+        out[name] = {"gA": layer.lora_A[adapter].weight.grad.double(), "gB": layer.lora_B[adapter].weight.grad.double(),
+                     "U": u.T @ u / count, "G": g.T @ g / count}
+    return out
+
+
+def damped(Fm: torch.Tensor, damping: float) -> torch.Tensor:
+    r = Fm.shape[-1]
+    return Fm + damping * torch.trace(Fm) / r * torch.eye(r, dtype=Fm.dtype)
+
+
+def natural_gradient(ref: dict, damping: float = 0.1, swap: bool = False) -> dict[str, torch.Tensor]:
+    """{"<layer>.lora_A": (G+λI)⁻¹∇A, "<layer>.lora_B": ∇B(U+λI)⁻¹}; ``swap=True`` pairs A with U and B with G."""
+    out = {}
+    for name, r in ref.items():
+        FA, FB = (r["U"], r["G"]) if swap else (r["G"], r["U"])
+        out[f"{name}.lora_A"] = torch.linalg.solve(damped(FA, damping), r["gA"])
+        out[f"{name}.lora_B"] = torch.linalg.solve(damped(FB, damping), r["gB"].T).T  # ∇B (F+λI)⁻¹, F symmetric
+    return out
+
+
+def updates(before: dict, after: dict, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """{"<layer>.lora_A"/"<layer>.lora_B": after - before} in float64, keyed like natural_gradient."""
+    return {n.replace(f".{adapter}.weight", ""): after[n].double() - p.double() for n, p in before.items()}
+
+
+def global_norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+def first_step_batches(examples: list[dict], batch: int = 2, accum: int = 2) -> list[dict]:
+    """The micro-batches of optimizer step 1 under train_sampling_strategy='sequential'."""
+    return [COLLATE(examples[i * batch:(i + 1) * batch]) for i in range(accum)]
+
+
+def assert_update(actual: dict, expected: dict, before: dict, wrong: dict | None = None) -> None:
+    """actual Δθ (fp32 after - before) == expected (float64) up to fp32 round-off of θ and of the solve."""
+    assert set(actual) == set(expected) and len(expected) == 2 * 2 * len(TARGETS)
+    theta = {n.replace(".default.weight", ""): float(p.abs().max()) for n, p in before.items()}
+    for k, exp in expected.items():
+        atol = 2e-5 * float(exp.abs().max()) + 4 * torch.finfo(torch.float32).eps * theta[k]
+        torch.testing.assert_close(actual[k], exp, rtol=2e-4, atol=atol, msg=lambda s, k=k: f"{k}: {s}")
+    if wrong is not None:  # the check can tell the pairings apart
+        worst = max(float((actual[k] - wrong[k]).abs().max() / wrong[k].abs().max()) for k in wrong)
+        assert worst > 0.1, "expected and swapped-factor updates are too close for this test to discriminate"
+
+
+def scaled(d: dict, c: float) -> dict:
+    return {k: c * v for k, v in d.items()}
+
+
+def make_trainer(path: str, model, args, examples, manager, max_grad_norm=None):
+    """A trainer wired through ``path``: 'trainer' (GritTrainer), 'callback' (Trainer + GritCallback) or
+    'optimizer' (Trainer given a GritOptimizer around SGD, re-clipping to args.max_grad_norm)."""
+    if path == "trainer":
+        return GritTrainer(model=model, args=args, train_dataset=examples, data_collator=COLLATE,
+                           grit_manager=manager)
+    if path == "callback":
+        trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=COLLATE)
+        GritCallback(manager, max_grad_norm=max_grad_norm).install(trainer)
+        return trainer
+    if path == "optimizer":
+        assert args.optim == "sgd" and args.weight_decay == 0
+        sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+        opt = GritOptimizer(sgd, manager, max_grad_norm=args.max_grad_norm)
+        return Trainer(model=model, args=args, train_dataset=examples, data_collator=COLLATE, optimizers=(opt, None))
+    raise ValueError(path)
+
+
+def preconditioned_count(trainer, manager) -> int:
+    if isinstance(trainer, GritTrainer):
+        return trainer.grit_preconditioned_steps
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, GritCallback):
+            return cb.preconditioned_steps
+    return trainer.optimizer.optimizer.preconditioned_steps  # accelerate wraps the GritOptimizer
+
+
+# ----------------------------------------------------------------------------- one exact step
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha8-r4", "rslora-alpha6"])
+def test_grit_trainer_sgd_step_is_the_natural_gradient(tmp_path, rslora):
+    model = tiny_model(0, alpha=6 if rslora else 8, rslora=rslora)
+    examples = random_examples(4, seed=1)
+    before = lora_params(model)
+    ref = reference_step(model, first_step_batches(examples))
+    manager = GRITManager(model, grit_config())
+    trainer = make_trainer("trainer", model, train_args(tmp_path), examples, manager)
+    trainer.train()
+
+    assert trainer.grit_preconditioned_steps == 1 and manager.preconditioned_steps == 1
+    # SGD with lr 1: Δθ = -(preconditioned gradient), and the pairing is the K-FAC one, not the swapped one.
+    assert_update(updates(before, lora_params(model)), scaled(natural_gradient(ref), -1.0), before,
+                  wrong=scaled(natural_gradient(ref, swap=True), -1.0))
+    # With max_grad_norm=0 the Trainer logs the norm of what it applied: the natural gradient's.
+    ng_norm = global_norm(natural_gradient(ref).values())
+    assert trainer.state.log_history[0]["grad_norm"] == pytest.approx(ng_norm, rel=1e-4)
+    assert ng_norm > 10 * global_norm([r[k] for r in ref.values() for k in ("gA", "gB")])
+
+
+@pytest.mark.slow
+def test_sft_trainer_with_callback_sgd_step_is_the_natural_gradient(tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from grit.study.models import load_tokenizer
+
+    class CPUSFTTrainer(SFTTrainer):
+        """TRL 1.15 computes -Σlog p / num_items_in_batch with a Triton kernel that needs a GPU driver; on CPU
+        the model's own loss with the same num_items_in_batch is the same quantity. Everything else is SFTTrainer."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            assert return_outputs is False
+            return model(**inputs, num_items_in_batch=num_items_in_batch).loss
+
+    model = tiny_model(0)
+    examples = random_examples(4, seed=1)
+    before = lora_params(model)
+    ref = reference_step(model, first_step_batches(examples))
+    manager = GRITManager(model, grit_config())
+    # SFTConfig turns gradient checkpointing on by default: the hooks must count each position once under it.
+    args = train_args(tmp_path, cls=SFTConfig, max_length=None, packing=False, bf16=False)
+    assert args.gradient_checkpointing
+    trainer = CPUSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), data_collator=COLLATE,
+                            processing_class=load_tokenizer("builtin:tiny"))
+    # TRL keeps a pre-tokenized dataset as is (no re-tokenization, same rows in the same order).
+    assert [trainer.train_dataset[i]["input_ids"] for i in range(4)] == [e["input_ids"] for e in examples]
+    assert [trainer.train_dataset[i]["labels"] for i in range(4)] == [e["labels"] for e in examples]
+    callback = GritCallback(manager).install(trainer)
+    trainer.train()
+
+    assert callback.preconditioned_steps == 1
+    assert_update(updates(before, lora_params(model)), scaled(natural_gradient(ref), -1.0), before,
+                  wrong=scaled(natural_gradient(ref, swap=True), -1.0))
+    assert trainer.state.log_history[0]["grit/preconditioned_steps_callback"] == 1.0
+
+
+@pytest.mark.parametrize("path", ["trainer", "callback", "optimizer"])
+def test_clipping_bounds_the_natural_gradient_step(tmp_path, path):
+    """Δθ = -lr · c · P/‖P‖ with P the natural gradient: GritTrainer clips after preconditioning; the callback
+    and the optimizer wrapper see the Trainer's clipped gradient (P is linear, so the direction is the same) and
+    re-clip. Without the re-clip their step would be ‖P(clipped ∇)‖ ≫ c."""
+    c, lr = 0.05, 0.5
+    model = tiny_model(0)
+    examples = random_examples(4, seed=1)
+    before = lora_params(model)
+    ref = reference_step(model, first_step_batches(examples))
+    ng = natural_gradient(ref)
+    manager = GRITManager(model, grit_config())
+    trainer = make_trainer(path, model, train_args(tmp_path, max_grad_norm=c, learning_rate=lr), examples, manager)
+    trainer.train()
+
+    assert preconditioned_count(trainer, manager) == 1
+    delta = updates(before, lora_params(model))
+    assert global_norm(delta.values()) <= lr * c * (1 + 1e-5)
+    assert_update(delta, scaled(ng, -lr * c / global_norm(ng.values())), before)
+
+
+# ----------------------------------------------------------------------------- the schedule, counted
+
+def _tokens(examples) -> int:
+    return sum(len(e["input_ids"]) for e in examples)
+
+
+@pytest.mark.parametrize("case", ["min-samples-binds", "warmup-binds"])
+def test_preconditioned_steps_follow_the_schedule(tmp_path, case):
+    steps, freq = 12, 3
+    examples = random_examples(4 * steps, seed=2)
+    per_step = [_tokens(examples[4 * i:4 * i + 4]) for i in range(steps)]  # sequential sampler, 2 x 2 per step
+    if case == "min-samples-binds":  # not enough tokens at step 3: the first inversion waits for step 6
+        warmup, min_samples = 2, sum(per_step[:3]) + 1
+    else:
+        warmup, min_samples = 7, 0
+    # The documented rule: factors invert at n % freq == 0 once >= min_samples tokens were seen (m* the first
+    # such n); step n is preconditioned iff n > warmup and n >= m*.
+    m_star = next(n for n in range(freq, steps + 1, freq) if sum(per_step[:n]) >= min_samples)
+    expected = [n > warmup and n >= m_star for n in range(1, steps + 1)]
+    assert sum(expected) == (7 if case == "min-samples-binds" else 5)  # the case does what its name says
+
+    model = tiny_model(0)
+    manager = GRITManager(model, grit_config(kfac_update_freq=freq, kfac_min_samples=min_samples,
+                                             ng_warmup_steps=warmup))
+    trainer = make_trainer("trainer", model, train_args(tmp_path, max_steps=steps, learning_rate=1e-2,
+                                                         max_grad_norm=1.0), examples, manager)
+    trainer.train()
+
+    logged = [h["grit/preconditioned_steps_trainer"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == [float(sum(expected[:n])) for n in range(1, steps + 1)]
+    assert trainer.grit_preconditioned_steps == manager.preconditioned_steps == sum(expected)
+    assert manager.optimizer_steps == steps
+
+
+def test_precondition_off_is_bit_identical_to_control(tmp_path):
+    examples = random_examples(12, seed=3)
+    kw = dict(max_steps=3, optim="adamw_torch", learning_rate=1e-2, max_grad_norm=1.0,
+              train_sampling_strategy="random")
+    control = tiny_model(0)
+    Trainer(model=control, args=train_args(tmp_path / "c", **kw), train_dataset=examples,
+            data_collator=COLLATE).train()
+    model = tiny_model(0)
+    manager = GRITManager(model, grit_config(precondition=False))
+    trainer = make_trainer("trainer", model, train_args(tmp_path / "g", **kw), examples, manager)
+    trainer.train()
+
+    a, b = all_params(control), all_params(model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], lora_params(tiny_model(0))[k]) for k in lora_params(model))  # it trained
+    assert trainer.grit_preconditioned_steps == 0 and manager.optimizer_steps == 3
+    # The manager really was attached: its statistics saw every non-padding token of the 12 examples (one epoch).
+    assert manager.metrics()["grit/stat_tokens"] == _tokens(examples) > 0
+
+
+# ----------------------------------------------------------------------------- logging
+
+def _tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for root, _, files in os.walk(logdir):
+        for f in files:
+            if f.startswith("events.out.tfevents"):
+                acc = EventAccumulator(os.path.join(root, f))
+                acc.Reload()
+                for tag in acc.Tags()["scalars"]:
+                    out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+@pytest.mark.parametrize("path", ["trainer", "callback"])
+def test_metrics_reach_tensorboard_and_loss_is_the_task_loss(tmp_path, path):
+    examples = random_examples(12, seed=4)
+    kw = dict(max_steps=3, optim="adamw_torch", learning_rate=1e-2, max_grad_norm=1.0, report_to="tensorboard")
+    control = Trainer(model=tiny_model(0), args=train_args(tmp_path / "c", **kw), train_dataset=examples,
+                      data_collator=COLLATE)
+    control.train()
+    model = tiny_model(0)
+    manager = GRITManager(model, grit_config(lambda_kfac=1e-2, lambda_reproj=1e-2))  # regularizers on
+    trainer = make_trainer(path, model, train_args(tmp_path / "g", **kw),
+                           examples, manager)
+    trainer.train()
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        assert h[f"grit/preconditioned_steps_{path}"] == h["grit/preconditioned_steps"] == h["step"]
+        assert h["grit/reg_kfac"] > 0 and h["grit/reg_reproj"] >= 0 and math.isfinite(h["grit/ng_grad_norm"])
+    # Same first forward, so the same loss: the regularizers act on .grad and never enter the reported loss.
+    first_control = next(h["loss"] for h in control.state.log_history if "loss" in h)
+    assert logs[0]["loss"] == first_control
+    scalars = _tensorboard_scalars(tmp_path / "g")  # the TensorBoard callback writes under output_dir/runs/
+    for tag in ("train/loss", "train/grit/preconditioned_steps", f"train/grit/preconditioned_steps_{path}",
+                "train/grit/reg_kfac", "train/grit/cond_max", "train/grit/damping"):
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3], tag
+    assert scalars["train/loss"][0][1] == pytest.approx(first_control, rel=1e-6)
+    assert [v for _, v in scalars["train/grit/preconditioned_steps"]] == [1.0, 2.0, 3.0]
+
+
+# ----------------------------------------------------------------------------- checkpoints and failures
+
+@pytest.mark.parametrize("path", ["trainer", "callback"])
+def test_resume_reaches_the_uninterrupted_parameters(tmp_path, path):
+    examples = random_examples(24, seed=5)
+    kw = dict(max_steps=6, optim="adamw_torch", learning_rate=1e-2, max_grad_norm=1.0,
+              train_sampling_strategy="random", save_strategy="steps", save_steps=5, logging_steps=1)
+    cfg = grit_config(kfac_update_freq=2, lambda_kfac=1e-3, lambda_reproj=1e-3)  # inversions at steps 2, 4, 6
+    full = tiny_model(0)
+    full_manager = GRITManager(full, cfg)
+    make_trainer(path, full, train_args(tmp_path / "run", **kw), examples, full_manager).train()
+    checkpoint = tmp_path / "run" / "checkpoint-5"
+    assert (checkpoint / GRIT_STATE_NAME).is_file()
+    assert torch.load(checkpoint / GRIT_STATE_NAME, weights_only=True)["inversions"] == 2
+
+    resumed = tiny_model(0)
+    manager = GRITManager(resumed, cfg)
+    # The callback finds output_dir/checkpoint-<step> itself; GritTrainer is given the path by train().
+    trainer = make_trainer(path, resumed, train_args(tmp_path / "run", **kw), examples, manager)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+
+    assert manager.optimizer_steps == 6 and manager.inversions == 3 and manager.preconditioned_steps == 5
+    a, b = lora_params(full), lora_params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_resume_without_grit_state_refuses(tmp_path):
+    examples = random_examples(24, seed=5)
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=5, learning_rate=1e-2)
+    Trainer(model=tiny_model(0), args=train_args(tmp_path / "plain", **kw), train_dataset=examples,
+            data_collator=COLLATE).train()
+    model = tiny_model(0)
+    trainer = make_trainer("trainer", model, train_args(tmp_path / "g", **kw), examples,
+                           GRITManager(model, grit_config()))
+    with pytest.raises(FileNotFoundError, match=GRIT_STATE_NAME):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-5"))
+
+
+class _PoisonMicroBatch(TrainerCallback):
+    """Makes the embedding output NaN for one micro-batch (counting forwards in training mode)."""
+
+    def __init__(self, model, at_forward: int):
+        self.calls, self.at = 0, at_forward
+        emb = model.get_base_model().model.embed_tokens
+        self.handle = emb.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, out):
+        if module.training:
+            self.calls += 1
+            if self.calls == self.at:
+                return out * float("nan")
+        return out
+
+
+@pytest.mark.parametrize("path", ["trainer", "callback"])
+def test_nan_micro_batch_after_first_inversion_leaves_parameters_finite(tmp_path, path):
+    examples = random_examples(16, seed=6)
+    model = tiny_model(0)
+    manager = GRITManager(model, grit_config())
+    poison = _PoisonMicroBatch(model, at_forward=5)  # step 3's first micro-batch; inversions at steps 1 and 2
+    trainer = make_trainer(path, model, train_args(tmp_path, max_steps=4, optim="adamw_torch", learning_rate=1e-2,
+                                                   max_grad_norm=1.0), examples, manager)
+    trainer.train()
+    poison.handle.remove()
+
+    assert poison.calls == 8
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    m = manager.metrics()
+    assert m["grit/nonfinite_grads"] >= 1 and m["grit/skipped_modules"] >= 1  # counted, and logged
+    assert manager.inversions >= 3  # training went on with GRIT after the bad batch
+
+
+# ----------------------------------------------------------------------------- the study's 4-bit stack
+
+@pytest.mark.slow
+def test_study_4bit_model_trains_with_preconditioning(tmp_path):
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from grit.study import resolve_preset
+    from grit.study.data import build_study_data
+    from grit.study.models import load_peft_model, load_tokenizer
+
+    preset = resolve_preset("tiny")
+    model = load_peft_model(preset)
+    tok = load_tokenizer(preset.model_id)
+    data = build_study_data(tok, source="synthetic", template=preset.template, max_seq_length=preset.max_seq_length,
+                            val_size=4, num_examples=16, seed=0)
+    manager = GRITManager(model, GRITConfig(lora_rank=preset.lora_r, kfac_update_freq=1, kfac_min_samples=0))
+    assert len(manager.lora_modules) == 2 * 7 and all(isinstance(m, Linear4bit) for m in manager.lora_modules)
+    before = lora_params(model)
+    args = train_args(tmp_path, max_steps=3, optim="adamw_torch", learning_rate=1e-3, max_grad_norm=1.0)
+    trainer = GritTrainer(model=model, args=args, train_dataset=data.train,
+                          data_collator=PadCollator(pad_token_id=tok.pad_token_id), grit_manager=manager)
+    trainer.train()
+
+    assert trainer.grit_preconditioned_steps == 3 == manager.preconditioned_steps
+    after = lora_params(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert all(not torch.equal(before[k], after[k]) for k in before if "lora_A" in k)
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def test_glue_rejects_bad_arguments(tmp_path):
+    model = tiny_model(0)
+    manager = GRITManager(model, grit_config())
+    with pytest.raises(ValueError, match="grit_manager"):
+        GritTrainer(model=model, args=train_args(tmp_path), train_dataset=random_examples(4), data_collator=COLLATE)
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        GritOptimizer(sgd, manager, max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        GritCallback(manager, max_grad_norm=float("nan"))
+    with pytest.raises(ValueError, match="closure"):
+        GritOptimizer(sgd, manager).step(closure=lambda: 0.0)
+    with pytest.raises(TypeError):
+        GritOptimizer(object(), manager)
+    # Two glue paths on one trainer would precondition twice per step.
+    with pytest.raises(ValueError, match="GritOptimizer"):
+        GritTrainer(model=model, args=train_args(tmp_path), train_dataset=random_examples(4), data_collator=COLLATE,
+                    grit_manager=manager, optimizers=(GritOptimizer(sgd, manager), None))
+    trainer = GritTrainer(model=model, args=train_args(tmp_path), train_dataset=random_examples(4),
+                          data_collator=COLLATE, grit_manager=manager)
+    with pytest.raises(ValueError, match="GritCallback"):
+        GritCallback(manager).install(trainer)
