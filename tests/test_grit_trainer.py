@@ -356,6 +356,7 @@ def _tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["trainer", "callback"])
 def test_metrics_reach_tensorboard_and_loss_is_the_task_loss(tmp_path, path):
     examples = random_examples(12, seed=4)
