@@ -57,7 +57,7 @@ $(LLAMA_STAMP): $(STAMP)
 unit: $(STAMP)
 	@$(call stage,unit tests,$(PY) -m pytest -q -m "not runtime and not notebook")
 
-notebooks: $(STAMP)
+notebooks: $(LLAMA_STAMP)
 	@$(call stage,notebooks,$(PY) -m pytest -q -m notebook)
 
 runtime: $(LLAMA_STAMP)

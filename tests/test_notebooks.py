@@ -37,9 +37,10 @@ def study(tmp_path_factory):
     os.environ.update(env)  # the kernels inherit this process's environment
     try:
         common = dict(PRESET="tiny", MAX_STEPS=STEPS, EVAL_STEPS=2, LOGDIR=str(logdir), OUTPUT_DIR=str(outdir))
-        _execute("01_baseline_qlora_unsloth.ipynb", tmp / "01.ipynb", **common)
+        # Both notebooks' export cells run: merge -> GGUF q8_0 -> llama.cpp eval -> Modelfile.
+        _execute("01_baseline_qlora_unsloth.ipynb", tmp / "01.ipynb", **common, EXPORT=True)
         # kfac_update_freq 2: the first inversion at step 2, so steps 2..4 are preconditioned.
-        _execute("02_pure_grit.ipynb", tmp / "02_grit.ipynb", **common, KFAC_UPDATE_FREQ=2)
+        _execute("02_pure_grit.ipynb", tmp / "02_grit.ipynb", **common, KFAC_UPDATE_FREQ=2, EXPORT=True)
         _execute("02_pure_grit.ipynb", tmp / "02_control.ipynb", **common, PRECONDITION=False)
         _execute("03_compare.ipynb", tmp / "03.ipynb", LOGDIR=str(logdir), OUTPUT_DIR=str(tmp / "readme_files"))
     finally:
@@ -90,6 +91,23 @@ def test_arms_are_fair(study):
     assert not runs["baseline"]["base_exact_match_cached"]
     assert runs["control"]["base_exact_match_cached"] and runs["grit"]["base_exact_match_cached"]
     assert runs["control"]["base_exact_match"] == runs["baseline"]["base_exact_match"]
+
+
+def test_export_cells_wrote_gguf_and_modelfile(study):
+    _, runs = study
+    for arm in ("baseline", "grit"):
+        ex = runs[arm]["export"]
+        gguf = Path(ex["gguf"])
+        assert gguf.is_file() and gguf.stat().st_size == ex["gguf_bytes"] > 0, arm
+        assert gguf.read_bytes()[:4] == b"GGUF"
+        modelfile = (gguf.parent / "Modelfile").read_text()
+        assert f"FROM ./{gguf.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile, modelfile
+        # Deployment costs little: merged 16-bit and q8_0 GGUF losses sit next to the 4-bit-trained model's.
+        trained = runs[arm]["eval_loss"][str(STEPS)]
+        assert math.isfinite(ex["eval_loss_merged"]) and math.isfinite(ex["eval_loss_gguf"])
+        assert ex["eval_loss_merged"] == pytest.approx(trained, rel=0.02)
+        assert ex["eval_loss_gguf"] == pytest.approx(ex["eval_loss_merged"], rel=0.02)
+    assert "export" not in runs["control"]
 
 
 def test_compare_notebook_wrote_plots_and_table(study):
