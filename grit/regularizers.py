@@ -37,18 +37,12 @@ def regularize_A(A: torch.Tensor, F_A: torch.Tensor, P_A: torch.Tensor, lambda_k
 
 def regularize_B(B: torch.Tensor, F_B: torch.Tensor, P_B: torch.Tensor, lambda_kfac: float,
                  lambda_reproj: float):
-    """Gradient (n, d_out, r) of both terms w.r.t. B, and the two term values (0-dim tensors)."""
-    grad = torch.zeros_like(B)
-    curv = reproj = B.new_zeros(())
-    if lambda_kfac > 0:
-        BF = torch.bmm(B, F_B)
-        curv = lambda_kfac * (B * BF).sum()
-        grad = grad + (2 * lambda_kfac) * BF
-    if lambda_reproj > 0:
-        residual = B - torch.bmm(B, P_B)
-        reproj = lambda_reproj * residual.pow(2).sum()
-        grad = grad + (2 * lambda_reproj) * residual
-    return grad, curv, reproj
+    """Gradient (n, d_out, r) of both terms w.r.t. B, and the two term values (0-dim tensors).
+
+    For symmetric F_B and P_B, tr(B F_B Bᵀ) and ||B (I-P_B)||² are the A-side terms of Bᵀ.
+    """
+    grad, curv, reproj = regularize_A(B.transpose(-1, -2), F_B, P_B, lambda_kfac, lambda_reproj)
+    return grad.transpose(-1, -2), curv, reproj
 
 
 def reproject_A(A: torch.Tensor, P_A: torch.Tensor) -> torch.Tensor:
