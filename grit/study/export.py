@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import ALPACA_HEADER, IGNORE_INDEX, PadCollator, format_prompt, merged_instruction
+from .data import ALPACA_HEADER, IGNORE_INDEX, format_prompt, merged_instruction
 from .merge import MergeError, base_model_folder, merge_lora
 from .models import fix_bytelevel_tokenizer
 
@@ -341,26 +341,13 @@ def deploy_ollama(result: ExportResult, name: str, test_prompt: str, *, num_pred
 def eval_loss_hf(model, examples: list[dict], batch_size: int = 8) -> dict:
     """Token-weighted response cross-entropy of an HF causal LM on ``examples`` (input_ids/labels).
 
-    Returns {"loss": sum of CE over response tokens / their count, "tokens": that count}.
+    The same code path as every arm's ``eval/loss`` (``grit.study.evaluate.eval_loss``), so the merged
+    model's figure is comparable with the trained model's. Returns {"loss", "tokens"}.
     """
-    import torch
+    from .evaluate import eval_loss
 
-    device = next(model.parameters()).device
-    collate = PadCollator(pad_token_id=0)  # pads carry labels -100 and attention 0: the id is irrelevant
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]  # token t is predicted at position t-1
-            ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                                   ignore_index=IGNORE_INDEX, reduction="sum")
-            total += float(ce)
-            count += int((labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return {"loss": total / max(count, 1), "tokens": count}
+    loss, tokens = eval_loss(model, examples, pad_token_id=0, batch_size=batch_size)  # pads carry label -100
+    return {"loss": loss, "tokens": tokens}
 
 
 def load_gguf(gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None):
