@@ -1,12 +1,15 @@
 """How large are the LoRA gradients AdamW receives once GRIT preconditions and the Trainer clips?
 
-    python benchmarks/clipped_gradient_scale.py            # smollm2-135m, 6 steps, factors inverted every 2
+    python benchmarks/clipped_gradient_scale.py              # smollm2-135m, 6 steps, factors inverted every 2
+    python benchmarks/clipped_gradient_scale.py --grafting   # the same with GRITConfig(grafting=True)
 
 Prints, per optimizer step, the median |grad| of the lora_A and lora_B weights as the optimizer sees
 them (after GritTrainer's preconditioning and the Trainer's global clip to max_grad_norm=1). The
 factors come from the gradient of the mean loss, so G is N^2 smaller than the per-token Fisher and the
 preconditioned dA dwarfs dB; after the global clip lora_B's gradients fall below AdamW's eps (1e-8),
-which is why the study's GRIT arm stalls (README, "What these numbers say").
+which is why the study's GRIT arm stalls without grafting (README, "What these numbers say"). With
+``--grafting`` each module's preconditioned gradient keeps its raw gradient's norm, and lora_B's
+gradients stay where they were before the first inversion.
 """
 
 import os
@@ -31,12 +34,12 @@ def median_abs_grad(model, key: str) -> float:
     return float(torch.stack(values).median())
 
 
-def main(preset_name: str = "smollm2-135m", steps: int = 6) -> None:
+def main(preset_name: str = "smollm2-135m", steps: int = 6, grafting: bool = False) -> None:
     preset = arms.study_preset(preset_name, max_steps=steps)
     tok = load_tokenizer(preset.model_id)
     data = arms.study_data(preset, tok)
     model = load_peft_model(preset)
-    manager = GRITManager(model, GRITConfig(kfac_update_freq=2))
+    manager = GRITManager(model, GRITConfig(kfac_update_freq=2, grafting=grafting))
     rows = []
 
     class RecordingAdamW(torch.optim.AdamW):
@@ -59,4 +62,11 @@ def main(preset_name: str = "smollm2-135m", steps: int = 6) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--grafting", action="store_true", help="GRITConfig(grafting=True)")
+    cli = parser.parse_args()
+    main(cli.preset, cli.steps, cli.grafting)

@@ -2,10 +2,12 @@
 
     cfg = GRITConfig(lora_rank=16, kfac_update_freq=10, pairing="kfac")
 
-Defaults are the published GRIT code's settings, with three deliberate departures: the
+Defaults are the published GRIT code's settings, with four deliberate departures: the
 Kronecker-factored pairing (``pairing="kfac"``; the published pairing is ``"reference"``), damping
-relative to each factor's scale, and reprojection off by default (it is the one GRIT action that
-writes weights, so ``precondition=False`` with both lambdas 0 is then a true control).
+relative to each factor's scale, layer-wise norm grafting (``grafting=True``; without it the
+Trainer's global clip silences lora_B, see the field's help), and reprojection off by default (it is
+the one GRIT action that writes weights, so ``precondition=False`` with both lambdas 0 is then a true
+control).
 
 When preconditioning happens (steps are numbered n = 1, 2, ... by calls to ``manager.step()``):
 
@@ -66,6 +68,14 @@ class GRITConfig:
         metadata={"help": "'kfac': ∇A <- (G+λI)^-1 ∇A, ∇B <- ∇B (U+λI)^-1 (the Kronecker-factored Fisher). "
                   "'reference': the published pairing ∇A <- (Σa+λI)^-1 ∇A, ∇B <- ∇B (Σg+λI)^-1 with "
                   "Σa = U and Σg = G/s^2."})
+    grafting: bool = field(
+        default=True,
+        metadata={"help": "Rescale each module's preconditioned ∇A and ∇B to the Frobenius norm of its raw "
+                  "gradient (layer-wise grafting, as distributed Shampoo does): K-FAC's direction, the base "
+                  "gradient's length. Rank-space K-FAC gives A and B one factor each, of different units, so "
+                  "without it ∇A can outgrow ∇B by many orders of magnitude and a global clip (the Trainer's "
+                  "max_grad_norm) then pushes ∇B below AdamW's eps: B stops learning (measured: "
+                  "benchmarks/clipped_gradient_scale.py). False reproduces the published code, which did not graft."})
     lambda_kfac: float = field(
         default=1e-5,
         metadata={"help": "Weight of the curvature regularizer Σ tr(B F_B Bᵀ) + tr(Aᵀ F_A A) (published 1e-5); "

@@ -394,7 +394,10 @@ class GRITManager:
                 reproj_total = reproj if reproj_total is None else reproj_total + reproj
             if precondition:
                 inv = pg.fgroup.inv[index]
+                raw = G
                 G = gm.precondition_A(inv, G) if pg.side == "A" else gm.precondition_B(G, inv)
+                if cfg.grafting:
+                    G = gm.graft_norm(G, raw)
                 # A non-finite gradient (a NaN/Inf batch) would make the parameter NaN: skip that module's
                 # update. The per-module squared norm is needed for ng_grad_norm anyway and is finite iff G is
                 # (up to elements > 1e19, which are no usable gradient either).

@@ -137,3 +137,19 @@ def precondition_A(inv_FA: torch.Tensor, grad_A: torch.Tensor) -> torch.Tensor:
 def precondition_B(grad_B: torch.Tensor, inv_FB: torch.Tensor) -> torch.Tensor:
     """∇B (F_B + λI)^-1. grad_B: (n, d_out, r); inv_FB: (n, r, r) -> (n, d_out, r)."""
     return torch.bmm(grad_B, inv_FB)
+
+
+def graft_norm(preconditioned: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """Each module's preconditioned gradient rescaled to the Frobenius norm of its raw gradient.
+
+    Layer-wise grafting (Agarwal et al., 2020, "Disentangling adaptive gradient methods from learning
+    rates"; the grafting of distributed Shampoo): the direction comes from the preconditioner, the
+    magnitude from the base gradient. Needed here because rank-space K-FAC preconditions ∇A and ∇B with
+    one factor each, of different units ((G + λI)^-1 grows without bound as B, and so G, shrinks), so the
+    two sides' step lengths are not comparable and a global gradient clip over both would silence the
+    smaller one. Shapes (n, a, b) -> (n, a, b); a module whose preconditioned gradient is 0 stays 0.
+    """
+    dims = tuple(range(1, preconditioned.dim()))
+    pre_norm = preconditioned.pow(2).sum(dims, keepdim=True).sqrt()
+    raw_norm = raw.float().pow(2).sum(dims, keepdim=True).sqrt()
+    return preconditioned * torch.where(pre_norm > 0, raw_norm / pre_norm, 0.0)

@@ -27,8 +27,9 @@ def damped(F, value, mode):
     return F + lam * torch.eye(F.shape[0], dtype=F.dtype)
 
 
-def dense_expectation(raw, factors, model, pairing, damping, mode, adapter="default", swap=False):
-    """{name: (∇A', ∇B')} by float64 linear solves with the brute-force factors."""
+def dense_expectation(raw, factors, model, pairing, damping, mode, adapter="default", swap=False, grafting=False):
+    """{name: (∇A', ∇B')} by float64 linear solves with the brute-force factors; with ``grafting`` each
+    solve is rescaled to the Frobenius norm of the raw gradient it came from."""
     out = {}
     for name, layer in lora_pairs(model, adapter):
         U, G = factors[name]["U"], factors[name]["G"]
@@ -37,8 +38,11 @@ def dense_expectation(raw, factors, model, pairing, damping, mode, adapter="defa
         if swap:
             F_A, F_B = F_B, F_A
         gA, gB = raw[name]
-        out[name] = (torch.linalg.solve(damped(F_A, damping, mode), gA),
-                     torch.linalg.solve(damped(F_B, damping, mode), gB.T).T)
+        nA = torch.linalg.solve(damped(F_A, damping, mode), gA)
+        nB = torch.linalg.solve(damped(F_B, damping, mode), gB.T).T
+        if grafting:
+            nA, nB = nA * (gA.norm() / nA.norm()), nB * (gB.norm() / nB.norm())
+        out[name] = (nA, nB)
     return out
 
 
@@ -46,13 +50,14 @@ def rel(a, b):
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
+@pytest.mark.parametrize("grafting", [False, True])
 @pytest.mark.parametrize("pairing,rslora,mode,damping", [
     ("kfac", False, "relative", 0.1), ("kfac", True, "absolute", 1e-3),
     ("reference", False, "relative", 0.05), ("reference", True, "absolute", 1e-4)])
-def test_preconditioned_grads_equal_dense_solve_and_not_the_swapped_one(pairing, rslora, mode, damping):
+def test_preconditioned_grads_equal_dense_solve_and_not_the_swapped_one(pairing, rslora, mode, damping, grafting):
     model = tiny_lora_model(seed=5, rslora=rslora, alpha=12)
     brute = BruteForce(model)
-    cfg = GRITConfig(pairing=pairing, kfac_damping=damping, kfac_damping_mode=mode, **NG)
+    cfg = GRITConfig(pairing=pairing, kfac_damping=damping, kfac_damping_mode=mode, grafting=grafting, **NG)
     manager = GRITManager(model, cfg)
     for b in (batch(20, pad_lengths=(0, 4, 2)), batch(21, pad_lengths=(3, 0, 0))):
         brute.mask = b["attention_mask"]
@@ -61,14 +66,18 @@ def test_preconditioned_grads_equal_dense_solve_and_not_the_swapped_one(pairing,
     assert manager.step() is True
     got = grads_of(model)
     factors = brute.factors()
-    want = dense_expectation(raw, factors, model, pairing, damping, mode)
-    swapped = dense_expectation(raw, factors, model, pairing, damping, mode, swap=True)
+    want = dense_expectation(raw, factors, model, pairing, damping, mode, grafting=grafting)
+    swapped = dense_expectation(raw, factors, model, pairing, damping, mode, swap=True, grafting=grafting)
     for name in want:
         for side in (0, 1):
             assert rel(got[name][side], want[name][side]) < 1e-4, (name, "AB"[side])
             # The swapped pairing is far away, so this test fails if the factors are exchanged.
             assert rel(swapped[name][side], want[name][side]) > 0.05, (name, "AB"[side])
-            assert rel(raw[name][side], want[name][side]) > 0.05, "preconditioning must change the gradient"
+            # An absolute λ far above the factor makes (F + λI)^-1 ≈ I/λ, and grafting undoes the 1/λ.
+            if not (grafting and mode == "absolute"):
+                assert rel(raw[name][side], want[name][side]) > 0.05, "preconditioning must change the gradient"
+            if grafting:  # the raw gradient's length, K-FAC's direction
+                assert float(got[name][side].norm()) == pytest.approx(float(raw[name][side].norm()), rel=1e-5)
     assert manager.preconditioned_steps == 1
     m = manager.metrics()
     expected_norm = torch.sqrt(sum(w.pow(2).sum() for pair in want.values() for w in pair))
@@ -262,7 +271,7 @@ def test_4bit_bitsandbytes_model_is_found_and_preconditioned():
     raw = grads_of(model)
     assert manager.step() and manager.preconditioned_steps == 1
     got = grads_of(model)
-    want = dense_expectation(raw, brute.factors(), model, "kfac", 0.1, "relative")
+    want = dense_expectation(raw, brute.factors(), model, "kfac", 0.1, "relative", grafting=True)  # the default
     for name in want:
         for side in (0, 1):
             assert rel(got[name][side], want[name][side]) < 1e-3, (name, side)

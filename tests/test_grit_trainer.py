@@ -75,9 +75,11 @@ def train_args(out, cls=TrainingArguments, **overrides):
 
 
 def grit_config(**overrides) -> GRITConfig:
-    """Precondition from step 1 with that step's factors, no regularizers, relative damping 0.1."""
+    """Precondition from step 1 with that step's factors, no regularizers, relative damping 0.1, and no
+    grafting (the exact natural gradient; test_grafting_* checks the grafted step)."""
     kw = dict(kfac_update_freq=1, kfac_min_samples=0, ng_warmup_steps=0, kfac_damping=0.1,
-              kfac_damping_mode="relative", lambda_kfac=0.0, lambda_reproj=0.0, enable_reprojection=False)
+              kfac_damping_mode="relative", lambda_kfac=0.0, lambda_reproj=0.0, enable_reprojection=False,
+              grafting=False)
     kw.update(overrides)
     return GRITConfig(**kw)
 
@@ -139,13 +141,18 @@ def damped(Fm: torch.Tensor, damping: float) -> torch.Tensor:
     return Fm + damping * torch.trace(Fm) / r * torch.eye(r, dtype=Fm.dtype)
 
 
-def natural_gradient(ref: dict, damping: float = 0.1, swap: bool = False) -> dict[str, torch.Tensor]:
-    """{"<layer>.lora_A": (G+λI)⁻¹∇A, "<layer>.lora_B": ∇B(U+λI)⁻¹}; ``swap=True`` pairs A with U and B with G."""
+def natural_gradient(ref: dict, damping: float = 0.1, swap: bool = False,
+                     grafting: bool = False) -> dict[str, torch.Tensor]:
+    """{"<layer>.lora_A": (G+λI)⁻¹∇A, "<layer>.lora_B": ∇B(U+λI)⁻¹}; ``swap=True`` pairs A with U and B with G;
+    ``grafting=True`` rescales each to the Frobenius norm of the raw gradient it came from."""
     out = {}
     for name, r in ref.items():
         FA, FB = (r["U"], r["G"]) if swap else (r["G"], r["U"])
-        out[f"{name}.lora_A"] = torch.linalg.solve(damped(FA, damping), r["gA"])
-        out[f"{name}.lora_B"] = torch.linalg.solve(damped(FB, damping), r["gB"].T).T  # ∇B (F+λI)⁻¹, F symmetric
+        nA = torch.linalg.solve(damped(FA, damping), r["gA"])
+        nB = torch.linalg.solve(damped(FB, damping), r["gB"].T).T  # ∇B (F+λI)⁻¹, F symmetric
+        if grafting:
+            nA, nB = nA * (r["gA"].norm() / nA.norm()), nB * (r["gB"].norm() / nB.norm())
+        out[f"{name}.lora_A"], out[f"{name}.lora_B"] = nA, nB
     return out
 
 
@@ -284,6 +291,40 @@ def test_clipping_bounds_the_natural_gradient_step(tmp_path, path):
     delta = updates(before, lora_params(model))
     assert global_norm(delta.values()) <= lr * c * (1 + 1e-5)
     assert_update(delta, scaled(ng, -lr * c / global_norm(ng.values())), before)
+
+
+def test_grafting_keeps_lora_B_alive_under_the_global_clip(tmp_path):
+    """With grafting each module's step has its raw gradient's length, so the Trainer's global clip scales by
+    the same coefficient as in the control (‖raw‖ > c) and lora_B keeps its share; without grafting the
+    preconditioned ∇A dominates the global norm and the clip shrinks lora_B's step by orders of magnitude."""
+    c, lr = 0.05, 0.5
+    examples = random_examples(4, seed=1)
+    model = tiny_model(0)
+    for name, layer in lora_layers(model):  # B = 0 would make G = 0; a small B is where GRIT starts after step 1
+        w = layer.lora_B["default"].weight
+        w.data.copy_(1e-3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(len(name))))
+    before = lora_params(model)
+    ref = reference_step(model, first_step_batches(examples))
+    raw_norm = global_norm([r[k] for r in ref.values() for k in ("gA", "gB")])
+    assert raw_norm > c  # the clip binds in both runs
+    steps = {}
+    for grafting in (True, False):
+        m = copy.deepcopy(model)
+        manager = GRITManager(m, grit_config(grafting=grafting))
+        make_trainer("trainer", m, train_args(tmp_path / str(grafting), max_grad_norm=c, learning_rate=lr),
+                     examples, manager).train()
+        assert manager.preconditioned_steps == 1
+        steps[grafting] = updates(before, lora_params(m))
+    grafted = natural_gradient(ref, grafting=True)
+    assert_update(steps[True], scaled(grafted, -lr * c / raw_norm), before,
+                  wrong=scaled(natural_gradient(ref, swap=True, grafting=True), -lr * c / raw_norm))
+
+    def b_share(delta):
+        return global_norm([v for k, v in delta.items() if k.endswith("lora_B")]) / global_norm(delta.values())
+
+    raw_b_share = global_norm([r["gB"] for r in ref.values()]) / raw_norm
+    assert b_share(steps[True]) == pytest.approx(raw_b_share, rel=1e-3)
+    assert b_share(steps[False]) < 1e-2 * raw_b_share
 
 
 # ----------------------------------------------------------------------------- the schedule, counted

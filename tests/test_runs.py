@@ -170,5 +170,7 @@ def test_arm_names_follow_the_switches():
     assert name(lambda_kfac=0.0, lambda_reproj=0.0) == "ng_only"
     assert name(precondition=False, lambda_kfac=1e-5) == "reg_only"
     assert name(pairing="reference") == "reference"
+    assert name(grafting=False) == "grit_no_grafting"
+    assert name(grafting=False, precondition=False, lambda_kfac=1e-5) == "reg_only"  # nothing to graft
     assert arm_name(GritSettings(), None, loss_on_padding=True) == "padding_artifact"
     assert arm_name(None) == "baseline"

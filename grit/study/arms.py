@@ -62,6 +62,8 @@ class GritSettings:
     pairing: str = field(default="kfac", metadata={"help": "'kfac' (ours) or 'reference' (the published pairing)."})
     lambda_kfac: float | None = field(default=None, metadata={"help": "Curvature regularizer weight (0 = off)."})
     lambda_reproj: float | None = field(default=None, metadata={"help": "Reprojection regularizer weight (0 = off)."})
+    grafting: bool | None = field(default=None, metadata={"help": "Per-module norm grafting (GRITConfig default "
+                                                                "True); False is the published scale."})
     kfac_update_freq: int | None = field(default=None, metadata={"help": "Update/invert factors every n steps."})
     kfac_damping: float | None = field(default=None, metadata={"help": "Damping (GRITConfig says relative or not)."})
     ng_warmup_steps: int | None = field(default=None, metadata={"help": "Steps without preconditioning."})
@@ -81,7 +83,8 @@ class GritSettings:
 
     def config_kwargs(self) -> dict[str, Any]:
         out = {"precondition": self.precondition, "pairing": self.pairing, **self.other}
-        for name in ("lambda_kfac", "lambda_reproj", "kfac_update_freq", "kfac_damping", "ng_warmup_steps"):
+        for name in ("lambda_kfac", "lambda_reproj", "grafting", "kfac_update_freq", "kfac_damping",
+                     "ng_warmup_steps"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
@@ -94,7 +97,8 @@ def grit_config(preset: Preset, settings: GritSettings):
 
 
 def arm_name(settings: GritSettings | None, config=None, loss_on_padding: bool = False) -> str:
-    """grit / control / ng_only / reg_only / reference / padding_artifact, from what is switched on."""
+    """grit / control / ng_only / reg_only / reference / padding_artifact, from what is switched on; a
+    preconditioned arm without grafting gets the suffix ``_no_grafting`` (e.g. grit_no_grafting)."""
     if loss_on_padding:
         return "padding_artifact"
     if settings is None:
@@ -103,10 +107,14 @@ def arm_name(settings: GritSettings | None, config=None, loss_on_padding: bool =
         return "control"
     regs = config is not None and (config.lambda_kfac > 0 or config.lambda_reproj > 0)
     if settings.pairing == "reference":
-        return "reference"
-    if settings.precondition and regs:
-        return "grit"
-    return "ng_only" if settings.precondition else "reg_only"
+        name = "reference"
+    elif settings.precondition and regs:
+        name = "grit"
+    else:
+        name = "ng_only" if settings.precondition else "reg_only"
+    if settings.precondition and config is not None and not config.grafting:
+        name += "_no_grafting"
+    return name
 
 
 # ----------------------------------------------------------------------------- shared pieces

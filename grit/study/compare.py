@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 SUMMARY_NAME = "run_summary.json"  # written by grit.study.runs (not imported: it pulls in transformers)
 
-ARM_ORDER = ("baseline", "control", "grit", "ng_only", "reg_only", "reference", "padding_artifact",
-             "padding_artifact_baseline")
+ARM_ORDER = ("baseline", "control", "grit", "grit_no_grafting", "ng_only", "reg_only", "reference",
+             "padding_artifact", "padding_artifact_baseline")
 METRICS = (  # (tag, title, y label, file stem)
     ("train/loss", "train loss (response tokens)", "cross-entropy", "train_loss"),
     ("train/grad_norm", "gradient norm before clipping (GRIT: after preconditioning)", "L2 norm", "grad_norm"),

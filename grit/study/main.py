@@ -2,7 +2,8 @@
 
     python -m grit.study.main study       # 01 baseline, 02 GRIT, 02 control, 03 compare (make study)
     python -m grit.study.main ablations   # natural gradient only, regularizers only, reference pairing,
-                                          # the published padding artifact, then 03 again (make ablations)
+                                          # the published padding artifact, GRIT without grafting (the
+                                          # published scale), then 03 again (make ablations)
 
 Every notebook runs in its own kernel (Unsloth patches transformers on import, so the arms must not
 share a process) with the auto preset unless ``GRIT_PRESET`` says otherwise. 03 then writes the plots
@@ -34,6 +35,7 @@ ABLATIONS = [
     (GRIT, "02_reg_only", {**GRIT_SETTINGS, "PRECONDITION": False, "LAMBDA_KFAC": 1e-5, "LAMBDA_REPROJ": 1e-4}),
     (GRIT, "02_reference", {**GRIT_SETTINGS, "PAIRING": "reference"}),
     (GRIT, "02_padding_artifact", {**GRIT_SETTINGS, "LOSS_ON_PADDING": True}),
+    (GRIT, "02_no_grafting", {**GRIT_SETTINGS, "GRAFTING": False}),
 ]
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
