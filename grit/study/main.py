@@ -7,7 +7,8 @@
 
 Every notebook runs in its own kernel (Unsloth patches transformers on import, so the arms must not
 share a process) with the auto preset unless ``GRIT_PRESET`` says otherwise. 03 then writes the plots
-and ``readme_files/results.md``, and the results table is copied into README.md between its markers.
+and ``readme_files/results.md`` (ablations: every run of the log directory, into ``readme_files/ablations/``),
+and the results table is copied into README.md between the job's markers.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ ABLATIONS = [
     (GRIT, "02_padding_artifact", {**GRIT_SETTINGS, "LOSS_ON_PADDING": True}),
     (GRIT, "02_no_grafting", {**GRIT_SETTINGS, "GRAFTING": False}),
 ]
-RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+# README sections 03's tables are copied into, per job; ablations get their own figures folder.
+MARKERS = {"study": ("<!-- results:start -->", "<!-- results:end -->"),
+           "ablations": ("<!-- ablations:start -->", "<!-- ablations:end -->")}
+RESULTS_START, RESULTS_END = MARKERS["study"]
 
 
 def execute(notebook: str, output_name: str, parameters: dict, notebook_dir: Path) -> float:
@@ -53,15 +57,15 @@ def execute(notebook: str, output_name: str, parameters: dict, notebook_dir: Pat
     return seconds
 
 
-def include_results(readme: Path, results: Path) -> None:
-    """Replace README's results section with 03's table, so the README shows what the logs hold."""
+def include_results(readme: Path, results: Path, start: str = RESULTS_START, end: str = RESULTS_END) -> None:
+    """Replace README's section between ``start`` and ``end`` with 03's table, so README shows what the logs hold."""
     text = readme.read_text(encoding="utf-8")
-    if RESULTS_START not in text or RESULTS_END not in text:
-        raise RuntimeError(f"{readme} lacks the {RESULTS_START} / {RESULTS_END} markers around its results section")
-    head, rest = text.split(RESULTS_START, 1)
-    _, tail = rest.split(RESULTS_END, 1)
+    if start not in text or end not in text:
+        raise RuntimeError(f"{readme} lacks the {start} / {end} markers around its results section")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     table = results.read_text(encoding="utf-8").strip()
-    readme.write_text(f"{head}{RESULTS_START}\n{table}\n{RESULTS_END}{tail}", encoding="utf-8")
+    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for notebook, name, params in STUDY if args.job == "study" else ABLATIONS:
         execute(notebook, name, {**common, **params}, notebook_dir)
-    execute(COMPARE, f"03_compare_{args.job}", {**common, "PRESET": preset, "OUTPUT_DIR": args.figures}, notebook_dir)
-    if args.job == "study":
-        include_results(REPO / "README.md", Path(args.figures) / "results.md")
+    figures = Path(args.figures) if args.job == "study" else Path(args.figures) / "ablations"
+    execute(COMPARE, f"03_compare_{args.job}", {**common, "PRESET": preset, "OUTPUT_DIR": str(figures)}, notebook_dir)
+    include_results(REPO / "README.md", figures / "results.md", *MARKERS[args.job])
     print(f"[study] {args.job} on preset {preset}: {time.time() - t0:.0f} s in all", flush=True)
     return 0
 
