@@ -14,6 +14,9 @@ exactly when its backward runs:
 * evaluation / generation under no_grad: nothing is recorded;
 * gradient accumulation: every micro-batch's backward adds.
 
+fp16 loss scaling (GradScaler): the backward carries ĝ times the loss scale; with ``loss_scale`` set
+(``GRITManager.attach_grad_scaler``) it is divided out first, so G does not depend on the scale.
+
 Padding: a forward pre-hook on the model records its ``attention_mask`` (B, T); positions with
 mask 0 are excluded with ``torch.where`` (NaN-safe). Without a mask (packed sequences) every
 position counts. Cost per module and micro-batch: one concat, one masked (2r+1)^2 Gram matmul
@@ -103,6 +106,9 @@ class StatCapture:
     def __init__(self, model: torch.nn.Module, lora_As: list, slots: list):
         self.masks = MaskTracker(model)
         self.enabled = True
+        # fp16 loss scaling: a callable returning the current scale (a device tensor), or None. The
+        # backward then carries ĝ times the scale, which is divided out before it enters G.
+        self.loss_scale = None
         self.slots = slots
         self.handles = [self.masks.handle]
         for i, lora_A in enumerate(lora_As):
@@ -119,6 +125,8 @@ class StatCapture:
 
             def on_grad(g_hat):
                 with torch.no_grad():
+                    if self.loss_scale is not None:
+                        g_hat = g_hat.float() / self.loss_scale()
                     v = torch.cat([u_saved.reshape(-1, r), g_hat.reshape(-1, r).to(u_saved.dtype), ones], dim=1)
                     accumulate_gram_(pending, v, keep)
 

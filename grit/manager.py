@@ -29,6 +29,10 @@ Contract (what the trainer glue and the notebooks rely on; the math is in ``grit
                                                    projectors, counters (a plain dict of tensors and ints)
     manager.lora_modules           list of the discovered PEFT LoRA layers (224 on Llama-3-8B, 7 targets)
     manager.close()                removes the hooks
+    manager.attach_grad_scaler(scaler)  fp16: the .grad that step() sees is scaled by scaler's loss scale (a
+                                   torch.amp.GradScaler, not yet unscaled); statistics, regularizer gradients
+                                   and metrics are corrected for it, and non-finite gradients are left for the
+                                   scaler to detect (it skips the step and lowers the scale) instead of zeroed
     extensions: manager.inversions (int), manager.ready (bool, a first inversion happened),
     manager.lora_module_names, manager.adapter_name, manager.factors() (CPU copies per module, for tests
     and inspection), manager.capturing (settable bool: pause statistics capture)
@@ -174,6 +178,7 @@ class GRITManager:
         self._ng_norm = None
         self._reg = {"kfac": None, "reproj": None}
         self._inv_time = None
+        self._scaler = None
 
     # ----------------------------------------------------------------- public
     @property
@@ -277,6 +282,28 @@ class GRITManager:
     def close(self) -> None:
         self._capture.remove()
 
+    def attach_grad_scaler(self, scaler) -> None:
+        """Train with fp16 loss scaling: ``scaler`` (a ``torch.amp.GradScaler``, or None to detach) scales the
+        loss before every backward, and ``step()`` runs before ``scaler.unscale_``/``scaler.step``.
+
+        The loss scale changes during training (it halves on overflow and grows back), so it is read as a
+        device tensor at each use (no host sync): the hooks divide it out of ĝ, ``step()`` multiplies the
+        regularizer gradients by it (the raw ones are still scaled) and divides it out of the logged norms.
+        Preconditioning and grafting are linear in the gradient, so the scaler's later unscale gives the
+        same update as an unscaled run.
+        """
+        if scaler is not None and not callable(getattr(scaler, "scale", None)):
+            raise TypeError(f"attach_grad_scaler needs a torch.amp.GradScaler (or None), got {type(scaler).__name__}")
+        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self._capture.loss_scale = self._loss_scale if self._scaler is not None else None
+
+    def _loss_scale(self) -> torch.Tensor:
+        # GradScaler keeps the scale as a device tensor; get_scale() would .item() it (a sync per call).
+        scale = self._scaler._get_scale_async()
+        if scale is None:
+            raise RuntimeError("the attached GradScaler has not scaled a loss yet: call scaler.scale(loss).backward()")
+        return scale.float()
+
     @property
     def capturing(self) -> bool:
         return self._capture.enabled
@@ -376,6 +403,7 @@ class GRITManager:
     def _apply_to_grads(self, precondition: bool, regularize: bool) -> None:
         cfg = self.config
         sq_norm, curv_total, reproj_total = None, None, None
+        scale = self._loss_scale() if self._scaler is not None else None
         for pg in self._param_groups:
             params = [p for p in pg.params if p.grad is not None]
             if not params:
@@ -389,7 +417,7 @@ class GRITManager:
                 F, P = pg.fgroup.F[index], pg.fgroup.P[index]
                 reg = regularize_A if pg.side == "A" else regularize_B
                 extra, curv, reproj = reg(W, F, P, cfg.lambda_kfac, cfg.lambda_reproj)
-                G = G + extra
+                G = G + (extra if scale is None else extra * scale.to(extra.device))
                 curv_total = curv if curv_total is None else curv_total + curv
                 reproj_total = reproj if reproj_total is None else reproj_total + reproj
             if precondition:
@@ -404,12 +432,13 @@ class GRITManager:
                 sq = G.pow(2).sum((1, 2))                       # (n,)
                 bad = ~torch.isfinite(sq)
                 self._nonfinite_grads += bad.sum()
-                G.masked_fill_(bad[:, None, None], 0.0)
+                if scale is None:  # under a GradScaler the overflow must reach it, so that it skips the step
+                    G.masked_fill_(bad[:, None, None], 0.0)
                 s = torch.where(bad, 0.0, sq).sum()
                 sq_norm = s if sq_norm is None else sq_norm + s
             torch._foreach_copy_(grads, list(G.unbind(0)))
         if precondition and sq_norm is not None:
-            self._ng_norm = sq_norm.sqrt()
+            self._ng_norm = sq_norm.sqrt() if scale is None else sq_norm.sqrt() / scale.to(sq_norm.device)
         if regularize:
             self._reg = {"kfac": curv_total, "reproj": reproj_total}
 

@@ -61,6 +61,9 @@ class GritOptimizer(torch.optim.Optimizer):
     Trainer treat it like the optimizer it wraps. The manager's own state is not in
     ``state_dict()``: save ``manager.state_dict()`` next to it (GritTrainer does).
 
+    fp16 loss scaling: a GradScaler unscales before it calls this ``step()``, while the statistics the
+    hooks captured are still scaled; use ``GritTrainer`` (which hands the scaler to the manager) for fp16.
+
     Counters: ``optimizer_steps`` (calls of ``step()``), ``preconditioned_steps`` (those where the
     manager reported that it applied the natural gradient).
     """

@@ -26,6 +26,10 @@ regularizers act on ``.grad`` inside ``manager.step()`` and are never added to t
 
 Checkpoints: ``manager.state_dict()`` is written as ``grit_state.pt`` in every checkpoint folder
 and loaded back by ``trainer.train(resume_from_checkpoint=...)``.
+
+fp16 (T4-class GPUs without bf16): GritTrainer hands the accelerator's GradScaler to the manager
+(``attach_grad_scaler``), which divides the loss scale out of the statistics and runs before the
+Trainer unscales; GritCallback refuses fp16.
 """
 
 from __future__ import annotations
@@ -116,10 +120,15 @@ class GritTrainer(Trainer):
             raise ValueError("GritTrainer preconditions by itself: do not also pass a GritCallback")
         super().__init__(*args, **kwargs)
         if self.args.fp16:
-            # GradScaler scales the loss before backward, so the hooks would see g-hat times the scale and
-            # G would be off by its square; bf16 autocast has no scaler.
-            raise ValueError("GritTrainer does not support fp16 mixed precision (loss scaling distorts the "
-                             "K-FAC statistics); use bf16=True or full precision")
+            # The GradScaler (CUDA fp16) scales the loss before every backward; manager.step() runs before the
+            # Trainer's clip unscales, so the manager must know the scale (statistics, regularizers, overflow).
+            # Without a scaler (fp16 autocast on the CPU) the loss is not scaled and there is nothing to do.
+            if getattr(self.accelerator, "distributed_type", None) == "DEEPSPEED":
+                raise ValueError("GritTrainer: DeepSpeed scales fp16 losses inside its engine, out of GRIT's "
+                                 "sight; use bf16=True or fp32 with DeepSpeed")
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None:
+                grit_manager.attach_grad_scaler(scaler)
         self.grit_manager = grit_manager
         self.grit_preconditioned_steps = 0
         self._grit_pending = False
@@ -245,6 +254,11 @@ class GritCallback(TrainerCallback):
         self._resume_dir = checkpoint_dir
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.fp16:
+            # on_pre_optimizer_step sees unscaled gradients after the Trainer's clip but scaled ones without
+            # it, and the hooks always see the scaled ĝ; GritTrainer handles the scaler, a callback cannot.
+            raise ValueError("GritCallback does not support fp16 loss scaling; use GritTrainer (which does), "
+                             "or bf16=True / fp32")
         resuming = state.global_step > 0 and self.manager.optimizer_steps != state.global_step
         if self._resume_dir is None and not resuming:
             return

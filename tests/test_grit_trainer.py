@@ -553,3 +553,41 @@ def test_glue_rejects_bad_arguments(tmp_path):
                           data_collator=COLLATE, grit_manager=manager)
     with pytest.raises(ValueError, match="GritCallback"):
         GritCallback(manager).install(trainer)
+
+
+def test_grit_trainer_fp16_step_is_the_natural_gradient(tmp_path):
+    """fp16=True (T4-class GPUs): the accelerator's GradScaler scales the loss by 2^16 before every backward;
+    GritTrainer hands it to the manager, so the factors and the SGD update are those of the fp32 reference up
+    to fp16 autocast round-off, not off by the scale."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(0).to(device)
+    examples = random_examples(4, seed=1)
+    before = lora_params(model)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in first_step_batches(examples)]
+    ref = {n: {k: v.cpu() for k, v in r.items()} for n, r in reference_step(model, batches).items()}
+    manager = GRITManager(model, grit_config())
+    args = train_args(tmp_path, fp16=True, use_cpu=device == "cpu")
+    trainer = make_trainer("trainer", model, args, examples, manager)
+    scaler = trainer.accelerator.scaler
+    if device == "cuda":  # on the CPU accelerate autocasts without loss scaling: nothing to hand over
+        assert scaler is not None and scaler.is_enabled() and manager._scaler is scaler
+    else:
+        assert scaler is None and manager._scaler is None
+    trainer.train()
+
+    assert trainer.grit_preconditioned_steps == 1
+    if scaler is not None:
+        assert scaler.get_scale() >= 2.0**15  # the loss really was scaled, and no overflow skipped the step
+    for name, r in ref.items():
+        f = manager.factors()[name]
+        assert rel_err(f["G"], r["G"]) < 2e-2 and rel_err(f["U"], r["U"]) < 2e-2, name
+    actual = {k: v.cpu() for k, v in updates(before, lora_params(model)).items()}
+    expected = scaled(natural_gradient(ref), -1.0)
+    wrong = scaled(natural_gradient(ref, swap=True), -1.0)
+    for k in expected:
+        assert rel_err(actual[k], expected[k]) < 2e-2, k
+    assert max(rel_err(wrong[k], expected[k]) for k in expected) > 0.1
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a.double().cpu() - b.double().cpu()) / torch.linalg.norm(b.double().cpu()))
