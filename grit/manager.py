@@ -62,7 +62,7 @@ from torch import nn
 
 from . import math as gm
 from .config import GRITConfig
-from .distributed import maybe_all_reduce
+from .distributed import maybe_all_reduce, world_size
 from .hooks import StatCapture, find_lora_layers
 from .regularizers import regularize_A, regularize_B, reproject_A, reproject_B
 
@@ -86,9 +86,10 @@ class _FactorGroup:
         self.modules, self.device, self.r, self.n = modules, device, r, n
         z = dict(device=device, dtype=torch.float32)
         eye = torch.eye(r, **z).expand(2 * n, r, r).contiguous()
-        # Sums since the last update of v vᵀ with v = [u, ĝ, 1] per kept position (grit.hooks): one Gram per
-        # module and micro-batch gives Σuuᵀ = [:r, :r], Σĝĝᵀ = [r:2r, r:2r] and the token count = [2r, 2r].
-        self.pend = torch.zeros(n, 2 * r + 1, 2 * r + 1, **z)
+        # Sums since the last update over kept positions (grit.hooks adds to them): Σuuᵀ, Σĝĝᵀ, token count.
+        self.pend_U = torch.zeros(n, r, r, **z)
+        self.pend_G = torch.zeros(n, r, r, **z)
+        self.pend_C = torch.zeros(n, **z)
         self.U = torch.zeros(n, r, r, **z)          # current factor estimates (means)
         self.G = torch.zeros(n, r, r, **z)
         self.C = torch.zeros(n, device=device, dtype=torch.float64)  # tokens folded in so far
@@ -102,26 +103,14 @@ class _FactorGroup:
         self.cond = torch.ones(2 * n, **z)
         self.k_energy = torch.full((2 * n,), r, device=device, dtype=torch.long)
 
-    def slots(self):
-        return list(self.pend.unbind(0))
-
-    @property
-    def pend_U(self):
-        return self.pend[:, :self.r, :self.r]
-
-    @property
-    def pend_G(self):
-        return self.pend[:, self.r:2 * self.r, self.r:2 * self.r]
-
-    @property
-    def pend_C(self):
-        return self.pend[:, 2 * self.r, 2 * self.r]
+    def pending(self) -> list:
+        return [self.pend_U, self.pend_G, self.pend_C]
 
     def scale2(self) -> torch.Tensor:
         s = [float(m.layer.scaling[m.adapter]) for m in self.modules]
         return torch.tensor(s, dtype=torch.float32).to(self.device, non_blocking=True) ** 2
 
-    STATE = ("pend", "U", "G", "C", "has_stats", "F", "inv", "P", "valid", "lam", "cond",
+    STATE = ("pend_U", "pend_G", "pend_C", "U", "G", "C", "has_stats", "F", "inv", "P", "valid", "lam", "cond",
              "k_energy")
 
 
@@ -164,9 +153,8 @@ class GRITManager:
                     w = m.lora_A.weight if side == "A" else m.lora_B.weight
                     by_shape.setdefault((tuple(w.shape), w.dtype, w.device), []).append(m)
                 self._param_groups += [_ParamGroup(side, g, ms) for ms in by_shape.values()]
-        group_slots = {id(g): g.slots() for g in self._groups}
-        slots = [group_slots[id(m.group)][m.index] for m in self._modules]
-        self._capture = StatCapture(model, [m.lora_A for m in self._modules], slots)
+        targets = [(m.group.pend_U, m.group.pend_G, m.group.pend_C, m.index) for m in self._modules]
+        self._capture = StatCapture(model, [m.lora_A for m in self._modules], targets)
 
         self.optimizer_steps = 0
         self.preconditioned_steps = 0
@@ -192,6 +180,7 @@ class GRITManager:
     @torch.no_grad()
     def step(self) -> bool:
         cfg = self.config
+        self._capture.flush()
         self.optimizer_steps += 1
         n = self.optimizer_steps
         if n % cfg.kfac_update_freq == 0:
@@ -209,6 +198,7 @@ class GRITManager:
     def metrics(self) -> dict:
         """Scalars for logging under ``grit/``; NaN where a quantity does not exist yet (before the first inversion)."""
         nan = float("nan")
+        self._capture.flush()
         out = {"grit/optimizer_steps": float(self.optimizer_steps),
                "grit/preconditioned_steps": float(self.preconditioned_steps),
                "grit/inversions": float(self.inversions),
@@ -254,7 +244,8 @@ class GRITManager:
         return out
 
     def state_dict(self) -> dict:
-        return {"version": 1, "config": self.config.to_dict(), "adapter_name": self.adapter_name,
+        self._capture.flush()
+        return {"version": 2, "config": self.config.to_dict(), "adapter_name": self.adapter_name,
                 "optimizer_steps": self.optimizer_steps, "preconditioned_steps": self.preconditioned_steps,
                 "inversions": self.inversions, "ready": self.ready, "skipped": self._skipped.clone(),
                 "nonfinite_grads": self._nonfinite_grads.clone(),
@@ -262,8 +253,10 @@ class GRITManager:
                             **{k: getattr(g, k).clone() for k in _FactorGroup.STATE}} for g in self._groups]}
 
     def load_state_dict(self, sd: dict) -> None:
-        if sd.get("version") != 1:
-            raise ValueError(f"unknown GRITManager state version {sd.get('version')!r}")
+        if sd.get("version") != 2:
+            raise ValueError(f"unknown GRITManager state version {sd.get('version')!r} (this grit writes and "
+                             "reads version 2)")
+        self._capture.drop()  # statistics queued before the load belong to the state being replaced
         by_name = {tuple(gs["modules"]): gs for gs in sd["groups"]}
         for g in self._groups:
             names = tuple(m.name for m in g.modules)
@@ -271,7 +264,7 @@ class GRITManager:
                 raise ValueError("the saved GRIT state was taken on other LoRA modules (first ones here: "
                                  f"{list(names[:3])}); load it into a manager built on the same model")
             for k in _FactorGroup.STATE:
-                getattr(g, k).copy_(by_name[names][k])  # in place: the hooks hold views of pend
+                getattr(g, k).copy_(by_name[names][k])  # in place: the hooks hold the pending tensors
         self.optimizer_steps = int(sd["optimizer_steps"])
         self.preconditioned_steps = int(sd["preconditioned_steps"])
         self.inversions = int(sd["inversions"])
@@ -316,14 +309,13 @@ class GRITManager:
     def _update_factors(self) -> None:
         """All-reduce the pending sums (one collective), fold them into U and G, and invert when ready."""
         cfg = self.config
-        if len(self._groups) == 1:
-            maybe_all_reduce(self._groups[0].pend)
-        else:
-            flat = maybe_all_reduce(torch.cat([g.pend.reshape(-1) for g in self._groups]))
+        if world_size() > 1:  # one collective for every pending sum
+            pending = [t for g in self._groups for t in g.pending()]
+            flat = maybe_all_reduce(torch.cat([t.reshape(-1) for t in pending]))
             offset = 0
-            for g in self._groups:
-                g.pend.copy_(flat[offset:offset + g.pend.numel()].view_as(g.pend))
-                offset += g.pend.numel()
+            for t in pending:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
         for g in self._groups:
             # A stored factor that is not finite (corrupted in place) is forgotten, so fresh statistics replace it.
             corrupt = ~(torch.isfinite(g.U).all(-1).all(-1) & torch.isfinite(g.G).all(-1).all(-1))
@@ -353,7 +345,8 @@ class GRITManager:
             g.G.copy_(torch.where(accept[:, None, None], G_new, g.G))
             g.C.copy_(torch.where(accept, g.C + c.double(), g.C))
             g.has_stats |= accept
-            g.pend.zero_()
+            for t in g.pending():
+                t.zero_()
         if not self.ready:
             # The one host sync outside metrics(): only at update steps before the first inversion.
             tokens = max(float(g.C.max()) for g in self._groups)

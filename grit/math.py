@@ -44,23 +44,20 @@ from __future__ import annotations
 import torch
 
 
-def masked_gram(v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Σ_t v_t v_tᵀ over kept positions, in fp32. v: (..., r); keep: bool (N, 1) with N = numel/r, or None.
+def rank_space_grams(u: torch.Tensor, g: torch.Tensor, keep: torch.Tensor | None):
+    """Σ_t u_t u_tᵀ, Σ_t ĝ_t ĝ_tᵀ and the token count over kept positions, for k modules at once, in fp32.
 
-    ``torch.where`` (not a multiply) so that NaN/Inf at padding positions cannot leak in.
+    u, g: (k, N, r) (any float dtype); keep: bool (N, 1), the same positions for every module, or None (all).
+    Returns UU (k, r, r), GG (k, r, r), count (0-dim fp32). ``torch.where`` (not a multiply) so that
+    NaN/Inf at padding positions cannot leak in.
     """
-    v2 = v.reshape(-1, v.shape[-1]).float()
-    if keep is not None:
-        v2 = torch.where(keep, v2, 0.0)
-    return v2.T @ v2
-
-
-def accumulate_gram_(out: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """out += Σ_t v_t v_tᵀ over kept positions, in place, one matmul. out: (c, c) fp32; v: (N, c); keep: as masked_gram."""
-    v = v.float()
-    if keep is not None:
-        v = torch.where(keep, v, 0.0)
-    return out.addmm_(v.T, v)
+    u, g = u.float(), g.float()
+    if keep is None:
+        count = torch.tensor(float(u.shape[1]), device=u.device)
+    else:
+        u, g = torch.where(keep, u, 0.0), torch.where(keep, g, 0.0)
+        count = keep.sum().float()
+    return torch.bmm(u.transpose(1, 2), u), torch.bmm(g.transpose(1, 2), g), count
 
 
 def damping(F: torch.Tensor, value: float, mode: str) -> torch.Tensor:

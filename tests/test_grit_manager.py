@@ -230,7 +230,7 @@ def test_nan_injected_into_a_factor_is_skipped_counted_and_replaced():
     first = manager.lora_module_names[0]
     group = manager._modules[0].group
     group.G[manager._modules[0].index, 0, 1] = float("nan")   # a corrupted stored factor
-    group.pend[1, 2, 2] = float("inf")                        # and a corrupted pending statistic
+    group.pend_U[1, 2, 2] = float("inf")                      # and a corrupted pending statistic
     model(**batch(1)).loss.backward()
     assert manager.step()
     opt.step()

@@ -70,16 +70,21 @@ def test_energy_rank_and_projectors():
     assert torch.allclose(P @ P, P, atol=1e-10) and round(float(torch.trace(P))) == 2
 
 
-def test_masked_gram_ignores_non_finite_padding():
-    v = torch.randn(2, 3, 4, dtype=torch.float64)
-    keep = torch.tensor([[1, 1, 0], [1, 0, 0]]).reshape(-1, 1) != 0
-    v[0, 2] = float("nan")
-    v[1, 1] = float("inf")
-    rows = torch.stack([v[0, 0], v[0, 1], v[1, 0]])
-    assert torch.allclose(gm.masked_gram(v, keep).double(), rows.T @ rows, rtol=1e-6)
-    out = torch.eye(4)
-    gm.accumulate_gram_(out, v.reshape(-1, 4), keep)
-    assert torch.allclose(out.double(), torch.eye(4, dtype=torch.float64) + rows.T @ rows, rtol=1e-6)
+def test_rank_space_grams_ignore_non_finite_padding():
+    u = torch.randn(3, 6, 4, dtype=torch.float64)
+    g = torch.randn(3, 6, 4, dtype=torch.float64)
+    keep = torch.tensor([1, 1, 0, 1, 0, 0]).reshape(-1, 1) != 0
+    u[:, 2] = float("nan")
+    g[1, 4] = float("inf")
+    UU, GG, count = gm.rank_space_grams(u.to(torch.bfloat16), g, keep)
+    rows = [0, 1, 3]
+    assert float(count) == 3.0 and UU.dtype == GG.dtype == torch.float32
+    for i in range(3):
+        uk = u[i, rows].to(torch.bfloat16).double()  # the bf16 input, summed exactly
+        assert torch.allclose(UU[i].double(), uk.T @ uk, rtol=1e-5)
+        assert torch.allclose(GG[i].double(), g[i, rows].T @ g[i, rows], rtol=1e-5)
+    UU, GG, count = gm.rank_space_grams(u[:, :2], g[:, :2], None)
+    assert float(count) == 2.0 and torch.allclose(UU[2].double(), u[2, :2].T @ u[2, :2], rtol=1e-5)
 
 
 def test_condition_numbers():
