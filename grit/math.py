@@ -53,7 +53,7 @@ def rank_space_grams(u: torch.Tensor, g: torch.Tensor, keep: torch.Tensor | None
     """
     u, g = u.float(), g.float()
     if keep is None:
-        count = torch.tensor(float(u.shape[1]), device=u.device)
+        count = u.new_full((), float(u.shape[1]))  # a fill kernel: torch.tensor(..., device=cuda) would sync
     else:
         u, g = torch.where(keep, u, 0.0), torch.where(keep, g, 0.0)
         count = keep.sum().float()

@@ -84,8 +84,9 @@ LLAMA3_8B = Preset(
 # of 2 sequences at 128 tokens cost about 6.4 s per optimizer step; synthetic rows are 60-90
 # tokens, so max_seq_length 128 never truncates them. 3 arms x 60 steps x ~6 s = 18 min of
 # training, plus evaluation (4 evals x 64 rows), model loads and export, leaves margin under 30.
-# Measured by `make study` (2026-11-26): 5.1-5.6 s per step in every arm; 458 + 433 + 414 s for the
-# three arms (training, evals, exact-match decoding, GGUF export) + 4 s for 03 = 21.9 min.
+# Measured by `make study` (2026-11-26, second run, GRIT with grafting): 4.7-6.0 s median per step;
+# 426 + 453 + 405 s for the three arms (training, evals, exact-match decoding, GGUF export) + 6 s for
+# 03 = 21.5 min.
 SMOLLM2_135M = Preset(
     name="smollm2-135m",
     model_id="builtin:smollm2-135m",
