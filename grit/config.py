@@ -121,14 +121,12 @@ class GRITConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"GRITConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("kfac_update_freq", "reprojection_freq", "reprojection_k", "min_lora_rank"):
+        int_minimum = {"kfac_update_freq": 1, "reprojection_freq": 1, "reprojection_k": 1, "min_lora_rank": 1,
+                       "kfac_min_samples": 0, "ng_warmup_steps": 0}
+        for name, minimum in int_minimum.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "must be an int >= 1")
-        for name in ("kfac_min_samples", "ng_warmup_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise bad(name, "must be an int >= 0")
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise bad(name, f"must be an int >= {minimum}")
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
                                            or self.lora_rank < 1):
             raise bad("lora_rank", "must be None (take it from the model) or an int >= 1")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grit import GRITConfig, GRITManager, expected_preconditioned_steps
-from grit_fixtures import BruteForce, batch, host, lora_pairs, tiny_lora_model
+from grit_fixtures import BruteForce, batch, host, lora_pairs, reference_terms, tiny_lora_model
 
 NG = dict(kfac_update_freq=1, kfac_min_samples=1, lambda_kfac=0.0, lambda_reproj=0.0)
 
@@ -278,66 +278,72 @@ def test_4bit_bitsandbytes_model_is_found_and_preconditioned():
     manager.close()
 
 
-def _scaled_run(model, cfg, batches, scaler=None, attach=True, poison=None):
-    """One manager over ``batches`` (one optimizer step each, SGD lr 0 so the weights stay put): the step's
-    preconditioned, unscaled LoRA grads per step, and the manager. ``poison``: (step, module) whose lora_B grad
-    gets an inf before manager.step()."""
-    manager = GRITManager(model, cfg)
-    if scaler is not None and attach:
-        manager.attach_grad_scaler(scaler)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    per_step = []
-    for i, b in enumerate(batches):
-        loss = model(**b).loss
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if poison is not None and poison[0] == i:
-            lora_pairs(model)[poison[1]][1].lora_B["default"].weight.grad[0, 0] = float("inf")
-        manager.step()
-        if scaler is not None:
-            scaler.unscale_(opt)
-        per_step.append(grads_of(model))
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        opt.zero_grad()
-    return per_step, manager
-
-
 def test_fp16_grad_scaler_gives_the_unscaled_statistics_and_update():
-    """With the GradScaler attached, a loss scaled by 2^12 gives the same factors, regularizer gradients and
-    (after the scaler's unscale) the same preconditioned gradients as the unscaled run; without it G is off by
-    the scale squared."""
-    cfg = GRITConfig(kfac_update_freq=1, kfac_min_samples=1, lambda_kfac=0.5, lambda_reproj=0.5)
-    batches = [batch(40), batch(41)]
-    base = tiny_lora_model(seed=8, dtype=torch.float32)
-    want, ref = _scaled_run(copy.deepcopy(base), cfg, batches)
-    got, scaled = _scaled_run(copy.deepcopy(base), cfg, batches, torch.amp.GradScaler("cpu", init_scale=2.0**12))
-    _, unaware = _scaled_run(copy.deepcopy(base), cfg, batches, torch.amp.GradScaler("cpu", init_scale=2.0**12),
-                             attach=False)
-    f_ref, f_got, f_unaware = ref.factors(), scaled.factors(), unaware.factors()
-    for name in f_ref:
-        for key in ("U", "G", "F_A", "F_B", "inv_A", "inv_B"):
-            assert rel(f_got[name][key], f_ref[name][key]) < 1e-5, (name, key)
-        assert rel(f_unaware[name]["G"], f_ref[name]["G"]) > 1e6  # the scale squared, had we not divided it out
-    for step in range(2):
-        for name in want[step]:
-            for side in (0, 1):
-                assert rel(got[step][name][side], want[step][name][side]) < 1e-5, (step, name, side)
-    m_ref, m_got = ref.metrics(), scaled.metrics()
-    for key in ("grit/ng_grad_norm", "grit/reg_kfac", "grit/reg_reproj"):
-        assert m_got[key] == pytest.approx(m_ref[key], rel=1e-5) and m_ref[key] > 0, key
+    """A loss scaled by 2^12 under an attached GradScaler: the factors equal the brute-force ones of the
+    unscaled loss (per-token u and ĝ recorded independently, ĝ divided by the scale here), the regularizer
+    terms equal their autograd reference, and after the scaler's unscale the gradients equal a float64 dense
+    solve of (raw + regularizer gradient), grafted. Without attaching, G is off by the scale squared."""
+    S = 2.0**12
+    cfg = GRITConfig(kfac_update_freq=1, kfac_min_samples=1, lambda_kfac=0.5, lambda_reproj=0.5,
+                     enable_rank_adaptation=False, reprojection_k=2)  # k < r, so the reprojection term is not 0
+    b = batch(40)
+    base = tiny_lora_model(seed=8)
+    model = copy.deepcopy(base)
+    brute = BruteForce(model)
+    brute.mask = b["attention_mask"]
+    manager = GRITManager(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=S)
+    manager.attach_grad_scaler(scaler)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    scaler.scale(model(**b).loss).backward()
+    raw = {name: (gA / S, gB / S) for name, (gA, gB) in grads_of(model).items()}
+    assert manager.step() is True
+    scaler.unscale_(opt)
+    got = grads_of(model)
+
+    factors = {name: {"U": f["U"], "G": f["G"] / S**2} for name, f in brute.factors().items()}
+    mine = manager.factors()
+    for name in factors:
+        for key in ("U", "G"):
+            assert rel(mine[name][key], factors[name][key]) < 1e-5, (name, key)
+    total_k, total_r, reg = reference_terms(model, factors, cfg)
+    with_reg = {name: (raw[name][0] + reg[name][0], raw[name][1] + reg[name][1]) for name in raw}
+    want = dense_expectation(with_reg, factors, model, "kfac", 0.1, "relative", grafting=True)
+    # 1e-3, the bound of test_grit_regularizers: the manager's fp32 projectors against float64 eigh ones.
+    for name in want:
+        for side in (0, 1):
+            assert rel(got[name][side], want[name][side]) < 1e-3, (name, "AB"[side])
+    m = manager.metrics()
+    assert m["grit/reg_kfac"] == pytest.approx(total_k, rel=1e-3) and total_k > 0
+    assert m["grit/reg_reproj"] == pytest.approx(total_r, rel=1e-3) and total_r > 0
+    expected_norm = torch.sqrt(sum(w.pow(2).sum() for pair in want.values() for w in pair))
+    assert m["grit/ng_grad_norm"] == pytest.approx(float(expected_norm), rel=1e-3)
+
+    unaware = copy.deepcopy(base)
+    unaware_manager = GRITManager(unaware, cfg)
+    torch.amp.GradScaler("cpu", init_scale=S).scale(unaware(**b).loss).backward()
+    unaware_manager.step()
+    for name, f in unaware_manager.factors().items():
+        assert rel(f["G"], factors[name]["G"]) > 1e6  # the scale squared, had it not been divided out
 
 
 def test_fp16_overflow_reaches_the_grad_scaler():
     """An inf gradient under a GradScaler is left non-finite (and counted), so the scaler skips the step and
-    lowers the scale; without a scaler the manager zeroes it instead."""
-    cfg = GRITConfig(kfac_update_freq=1, kfac_min_samples=1)
-    model = tiny_lora_model(seed=9, dtype=torch.float32)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    lowers the scale, as it does without GRIT; without a scaler the manager zeroes it instead (tested above)."""
+    model = tiny_lora_model(seed=9)
+    manager = GRITManager(model, GRITConfig(kfac_update_freq=1, kfac_min_samples=1))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    per_step, manager = _scaled_run(model, cfg, [batch(42)], scaler, poison=(0, 1))
+    manager.attach_grad_scaler(scaler)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    scaler.scale(model(**batch(42)).loss).backward()
+    poisoned = lora_pairs(model)[1][1].lora_B["default"].weight
+    poisoned.grad[0, 0] = float("inf")
+    manager.step()
     assert manager.metrics()["grit/nonfinite_grads"] == 1
-    assert not torch.isfinite(per_step[0][lora_pairs(model)[1][0]][1]).all()
+    assert not torch.isfinite(poisoned.grad).all()
+    scaler.step(opt)
+    scaler.update()
     assert scaler.get_scale() == 2.0**11  # overflow seen: step skipped, scale halved
     for n, p in model.named_parameters():
         if p.requires_grad:

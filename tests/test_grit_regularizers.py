@@ -9,51 +9,7 @@ import pytest
 import torch
 
 from grit import GRITConfig, GRITManager
-from grit_fixtures import BruteForce, batch, host, lora_pairs, tiny_lora_model
-
-
-def energy_k(F, threshold, min_rank):
-    w = sorted(torch.linalg.eigvalsh(F).clamp_min(0).tolist(), reverse=True)
-    total, acc = sum(w), 0.0
-    for k, x in enumerate(w, 1):
-        acc += x
-        if acc / total >= threshold:
-            break
-    return min(max(k, min_rank), len(w))
-
-
-def projector(F, k):
-    _, V = torch.linalg.eigh(F)
-    Vk = V[:, -k:]
-    return Vk @ Vk.T
-
-
-def reference_terms(model, factors, cfg):
-    """Per module, by autograd: the two terms' values and their gradients w.r.t. A and B."""
-    total_k = total_r = 0.0
-    grads = {}
-    r = None
-    for name, layer in lora_pairs(model):
-        A = layer.lora_A["default"].weight.detach().cpu().double().requires_grad_(True)
-        B = layer.lora_B["default"].weight.detach().cpu().double().requires_grad_(True)
-        r = A.shape[0]
-        U, G = factors[name]["U"], factors[name]["G"]
-        s = float(layer.scaling["default"])
-        F_A, F_B = (G, U) if cfg.pairing == "kfac" else (U, G / s**2)
-        if cfg.enable_rank_adaptation:
-            kA = energy_k(F_A, cfg.rank_adaptation_threshold, cfg.min_lora_rank)
-            kB = energy_k(F_B, cfg.rank_adaptation_threshold, cfg.min_lora_rank)
-        else:
-            kA = kB = min(cfg.reprojection_k, r)
-        P_A, P_B = projector(F_A, kA), projector(F_B, kB)
-        I = torch.eye(r, dtype=torch.float64)
-        curv = cfg.lambda_kfac * (torch.trace(B @ F_B @ B.T) + torch.trace(A.T @ F_A @ A))
-        reproj = cfg.lambda_reproj * ((I - P_A) @ A).pow(2).sum() + cfg.lambda_reproj * (B @ (I - P_B)).pow(2).sum()
-        gA, gB = torch.autograd.grad(curv + reproj, (A, B))
-        grads[name] = (gA, gB)
-        total_k += float(curv.detach())
-        total_r += float(reproj.detach())
-    return total_k, total_r, grads
+from grit_fixtures import BruteForce, batch, host, lora_pairs, projector, reference_terms, tiny_lora_model
 
 
 def rel(a, b):
