@@ -1,9 +1,27 @@
-"""Per-optimizer-step cost of GRIT against the same stack without it: time and peak memory.
+"""Per-optimizer-step cost of GRIT against the same stack without it: time inside GRIT, step time, peak memory.
 
-    # CPU (default): the study's smollm2-135m preset, 4-bit NF4, LoRA r=16 on 7 projections, 2 x 4 micro-batches
+    # CPU (default): the study's smollm2-135m preset, 4-bit NF4, LoRA r=16 on 7 projections, 2 x 4 micro-batches,
+    # 100 interleaved pairs of steps
     python benchmarks/step_overhead.py
     # GPU: a random Llama-3-8B-shaped model quantized to NF4 on the card, seq 512 and 2048 (no hub access)
     python benchmarks/step_overhead.py --model llama3-8b-shaped
+    # smoke run (seconds): the tiny preset, 3 pairs
+    python benchmarks/step_overhead.py --preset tiny --steps 3 --warmup 1 --mem-steps 2
+
+Primary figure: the time spent inside GRIT itself per optimizer step, measured directly (``GritClock``):
+``time.perf_counter`` around every call into GRIT, split into "hooks" (the model pre-forward hook, the
+lora_A forward hooks and the tensor hooks on u, all of which run inside forward/backward), "flush"
+(the batched Gram computation, wherever it is triggered), "step" (``manager.step()`` without its flush)
+and "metrics" (``manager.metrics()``/``counters()`` without their flush). Nested calls are attributed to
+the innermost one, so the parts add up. On the CPU every op runs on the calling thread, so the clock
+runs during the timed pairs (it costs two perf_counter calls per hook, well under 0.1% of a step).
+On CUDA the host returns before the kernels finish: the clock synchronises around every call, which
+would slow the timed pairs, so it runs only in a separate measurement pass of ``--clock-steps`` GRIT-only
+steps after them ("measurement mode"; those steps are not in the ratio).
+
+Secondary figure: the ratio of mean step times GRIT / control over the interleaved pairs, with a
+bootstrap 95% interval (pairs resampled by step, ``--bootstrap`` resamples, seeded): on the shared
+machine, step times drift, and the interval says how far the mean ratio can be trusted.
 
 Arms. "control": PEFT model + optimizer, no GRIT object at all. "grit": an identical model (same
 weights, same LoRA init) with a ``GRITManager`` as the study runs it: natural gradient on, both
@@ -15,9 +33,11 @@ One optimizer step is what the HF Trainer does (transformers 5.17 ``_run_epoch``
 of each micro-batch with the loss normalised by the step's label-token count, [grit:
 ``manager.step()``], clip to max_grad_norm 1.0, optimizer step, zero_grad, and at logging steps
 (``--logging-steps``, the presets log every step) the loss ``.item()`` plus, in the grit arm,
-``manager.metrics()`` (GritTrainer logs them there). The loop is written out instead of running two
-``Trainer.train()`` so that the arms can alternate step by step; the Trainer's own per-step work
-(callbacks, ...) is the same in both arms and left out, which makes the ratio slightly pessimistic.
+``manager.metrics()`` (GritTrainer logs them there; with ``--metrics-every N`` only every N-th log
+step, ``manager.counters()`` at the others, as ``GritTrainer(grit_metrics_every=N)`` does). The loop
+is written out instead of running two ``Trainer.train()`` so that the arms can alternate step by
+step; the Trainer's own per-step work (callbacks, ...) is the same in both arms and left out, which
+makes the ratio slightly pessimistic.
 
 Why both arms live in one process for timing: the 2-core CPU machine is shared and its speed drifts
 by tens of percent over minutes (and GPU clocks drift with temperature). Alternating the arms step
@@ -33,7 +53,8 @@ ratio). On the GPU ``torch.cuda.max_memory_allocated`` is exact per allocation, 
 process measures it: the peak of each of the arm's steps minus the bytes the other (idle) arm holds.
 
 Output: a compact table per sequence length (median and mean s/step, p10-p90, min-max, peak
-memory, GRIT/control ratios, time inside ``manager.step()``), and ``--json PATH`` for the numbers.
+memory, GRIT/control ratios), the mean ratio with its bootstrap interval, the time inside GRIT per
+step by part with its bootstrap interval, and ``--json PATH`` for the numbers (per-step clocks included).
 """
 
 from __future__ import annotations
@@ -46,6 +67,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CLOCK_PARTS = ("hooks", "flush", "step", "metrics")
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -70,7 +93,7 @@ def build_smollm2(args):
     need = (args.warmup + args.steps) * args.batch * args.accum
     data = build_study_data(tok, source=preset.data, template=preset.template,
                             max_seq_length=preset.max_seq_length, val_size=preset.val_size,
-                            num_examples=max(preset.num_examples, need + preset.val_size), seed=preset.seed)
+                            num_examples=max(preset.num_examples, need + preset.val_size), data_seed=preset.data_seed)
     collate = PadCollator(pad_token_id=tok.pad_token_id)
     examples = data.train[:need] if len(data.train) >= need else (data.train * (need // len(data.train) + 1))[:need]
     batches = [collate(examples[i:i + args.batch]) for i in range(0, need, args.batch)]
@@ -147,6 +170,73 @@ def grit_config(args, r: int):
                       lambda_kfac=args.lambda_kfac, lambda_reproj=args.lambda_reproj)
 
 
+# ----------------------------------------------------------------------------- the clock inside GRIT
+
+class GritClock:
+    """Wall time inside one manager's GRIT calls, per part (``CLOCK_PARTS``); see the module docstring.
+
+    Installed by wrapping, without touching grit's code: the hook functions registered on the model
+    (through their handles), the tensor hooks the lora_A forward hooks register on u (``register_hook``
+    is wrapped for the duration of each forward hook), the statistics flush (on the capture and as the
+    mask tracker's pre-forward callback), ``manager.step``, ``manager.metrics`` and ``manager.counters``.
+    ``sync`` (CUDA measurement mode) synchronises the device around every timed call.
+    """
+
+    def __init__(self, manager):
+        self.totals = defaultdict(float)
+        self.sync = False
+        self._stack: list = []  # [part, start, time of nested calls]
+        capture = manager._capture
+        for handle in capture.handles:
+            hooks = handle.hooks_dict_ref()
+            fn = hooks[handle.id]
+            hooks[handle.id] = self._with_tensor_hooks(self._timed("hooks", fn)) if handle is not capture.masks.handle \
+                else self._timed("hooks", fn)
+        capture.flush = self._timed("flush", capture.flush)
+        capture.masks._on_forward = capture.flush
+        manager.step = self._timed("step", manager.step)
+        manager.metrics = self._timed("metrics", manager.metrics)
+        manager.counters = self._timed("metrics", manager.counters)
+
+    def _timed(self, part: str, fn):
+        def timed(*args, **kwargs):
+            if self.sync:
+                torch.cuda.synchronize()
+            self._stack.append([part, time.perf_counter(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.sync:
+                    torch.cuda.synchronize()
+                part_, start, nested = self._stack.pop()
+                elapsed = time.perf_counter() - start
+                self.totals[part_] += elapsed - nested
+                if self._stack:
+                    self._stack[-1][2] += elapsed
+        return timed
+
+    def _with_tensor_hooks(self, forward_hook):
+        clock, original = self, torch.Tensor.register_hook
+
+        def register_timed(tensor, hook):
+            return original(tensor, clock._timed("hooks", hook))
+
+        def hook(*args, **kwargs):
+            torch.Tensor.register_hook = register_timed
+            try:
+                return forward_hook(*args, **kwargs)
+            finally:
+                torch.Tensor.register_hook = original
+        return hook
+
+    def take(self) -> dict:
+        """The parts' seconds since the last take(), and their total."""
+        out = {p: self.totals.get(p, 0.0) for p in CLOCK_PARTS}
+        out["total"] = sum(out.values())
+        self.totals.clear()
+        return out
+
+
 # ----------------------------------------------------------------------------- one optimizer step
 
 @dataclass
@@ -155,14 +245,23 @@ class Arm:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     manager: object = None
+    metrics_every: int = 1     # as GritTrainer(grit_metrics_every=...): full metrics every N-th log step
+    clock: GritClock = None
     times: list = field(default_factory=list)
-    grit_times: list = field(default_factory=list)
+    grit_times: list = field(default_factory=list)   # GritClock.take() per timed step
     peaks: list = field(default_factory=list)
+    logged: int = 0
 
-    def step(self, batches: list[dict], log: bool, cuda: bool) -> tuple[float, float]:
-        """One optimizer step over ``batches``; returns (wall seconds, seconds inside manager.step())."""
+    def __post_init__(self):
+        if self.manager is not None:
+            self.clock = GritClock(self.manager)
+
+    def step(self, batches: list[dict], log: bool, cuda: bool) -> tuple[float, dict | None]:
+        """One optimizer step over ``batches``; returns (wall seconds, GritClock parts or None for the control)."""
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
+        if self.clock is not None:
+            self.clock.take()  # drop what ran between steps
         t0 = time.perf_counter()
         n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)  # Trainer: num_items_in_batch
         tr_loss = None
@@ -170,13 +269,8 @@ class Arm:
             loss = self.model(**b, num_items_in_batch=n_items).loss
             loss.backward()
             tr_loss = loss.detach() if tr_loss is None else tr_loss + loss.detach()
-        t_grit = 0.0
         if self.manager is not None:
-            sync()
-            t1 = time.perf_counter()
             self.manager.step()
-            sync()
-            t_grit = time.perf_counter() - t1
         params = [p for p in self.model.parameters() if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         self.optimizer.step()
@@ -184,9 +278,13 @@ class Arm:
         if log:
             tr_loss.item()
             if self.manager is not None:
-                self.manager.metrics()
+                self.logged += 1
+                if self.logged % self.metrics_every == 0:
+                    self.manager.metrics()
+                else:
+                    self.manager.counters()
         sync()
-        return time.perf_counter() - t0, t_grit
+        return time.perf_counter() - t0, (self.clock.take() if self.clock is not None else None)
 
 
 def build_cpu_arms(args):
@@ -197,7 +295,7 @@ def build_cpu_arms(args):
     for name in ("control", "grit"):
         model, opt, batches, preset = build_smollm2(args)
         arms.append(Arm(name, model, opt, GRITManager(model, grit_config(args, preset.lora_r))
-                        if name == "grit" else None))
+                        if name == "grit" else None, metrics_every=args.metrics_every))
     ckpt = "gradient checkpointing" if preset.gradient_checkpointing else "no checkpointing"
     quant = "NF4 double quant" if preset.load_in_4bit else "no quantization"
     desc = (f"preset {args.preset} (study stack: {quant}, {preset.compute_dtype} compute, {ckpt}), LoRA r={preset.lora_r} "
@@ -230,7 +328,7 @@ def memory_child(args) -> None:
 
     model, opt, batches, preset = build_smollm2(args)
     arm = Arm(args.memory_arm, model, opt, GRITManager(model, grit_config(args, preset.lora_r))
-              if args.memory_arm == "grit" else None)
+              if args.memory_arm == "grit" else None, metrics_every=args.metrics_every)
     steps = [batches[i * args.accum:(i + 1) * args.accum] for i in range(len(batches) // args.accum)]
     arm.step(steps[0], log=True, cuda=False)
     gc.collect()
@@ -248,7 +346,10 @@ def memory_subprocesses(args) -> dict:
         cmd = [sys.executable, __file__, "--preset", args.preset, "--memory-arm", arm, "--mem-steps",
                str(args.mem_steps), "--kfac-update-freq", str(args.kfac_update_freq), "--batch", str(args.batch),
                "--accum", str(args.accum), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--lambda-kfac", str(args.lambda_kfac), "--lambda-reproj", str(args.lambda_reproj)]
+               "--lambda-kfac", str(args.lambda_kfac), "--lambda-reproj", str(args.lambda_reproj),
+               "--logging-steps", str(args.logging_steps), "--metrics-every", str(args.metrics_every)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in res.stdout.splitlines() if x.startswith("MEMORY_JSON ")), None)
         if res.returncode != 0 or line is None:
@@ -266,11 +367,49 @@ def summarize(xs: list[float]) -> dict:
             "min": s[0], "max": s[-1], "n": len(s)}
 
 
+def bootstrap_ratio(control: list[float], grit: list[float], resamples: int, seed: int = 0) -> dict:
+    """Mean(grit) / mean(control) and its bootstrap 95% percentile interval, pairs resampled by step."""
+    c, g = torch.tensor(control, dtype=torch.float64), torch.tensor(grit, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(c), (resamples, len(c)), generator=gen)
+    ratios = g[idx].sum(1) / c[idx].sum(1)
+    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"mean_ratio": float(g.sum() / c.sum()), "ci95": [lo, hi], "resamples": resamples, "pairs": len(c)}
+
+
+def bootstrap_mean(xs: list[float], resamples: int, seed: int = 0) -> dict:
+    x = torch.tensor(xs, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (resamples, len(x)), generator=gen)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"mean": float(x.mean()), "ci95": [lo, hi]}
+
+
+def clock_summary(parts: list[dict], resamples: int) -> dict:
+    """Per part: mean seconds per step with a bootstrap 95% interval (over steps)."""
+    return {p: bootstrap_mean([x[p] for x in parts], resamples) for p in (*CLOCK_PARTS, "total")}
+
+
+def clock_pass(grit: Arm, step_batches, args) -> list[dict]:
+    """CUDA measurement mode: ``--clock-steps`` GRIT-only steps with the device synchronised around every GRIT call."""
+    grit.clock.sync = True
+    parts = []
+    try:
+        for i in range(args.clock_steps):
+            _, clock = grit.step(step_batches(args.warmup + args.steps + i),
+                                 (args.warmup + args.steps + i + 1) % args.logging_steps == 0, cuda=True)
+            parts.append(clock)
+    finally:
+        grit.clock.sync = False
+    return parts
+
+
 def run_interleaved(control: Arm, grit: Arm, step_batches, args, cuda: bool, resident: dict | None = None) -> dict:
     """Warm-up then timed steps, alternating control/grit (ABBA order) on the same batches.
 
     GPU: ``resident[arm]`` = bytes that arm holds while idle; an arm's peak is the max_memory_allocated of
-    its own step minus the other arm's resident bytes.
+    its own step minus the other arm's resident bytes. The GRIT clock of the timed pairs is the primary
+    figure on the CPU; on CUDA the clock pass after them is (module docstring).
     """
     for arm in (control, grit):
         arm.times, arm.grit_times, arm.peaks = [], [], []
@@ -284,23 +423,34 @@ def run_interleaved(control: Arm, grit: Arm, step_batches, args, cuda: bool, res
         for arm in order:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            dt, dg = arm.step(batches, (i + 1) % args.logging_steps == 0, cuda)
+            dt, clock = arm.step(batches, (i + 1) % args.logging_steps == 0, cuda)
             if timed:
                 arm.times.append(dt)
-                arm.grit_times.append(dg)
+                if clock is not None:
+                    arm.grit_times.append(clock)
                 if cuda:
                     other = grit if arm is control else control
                     arm.peaks.append(torch.cuda.max_memory_allocated() - resident[other.name])
         if timed:
-            print(f"  step {i - args.warmup + 1}/{args.steps}: control {control.times[-1]:.3f}s "
-                  f"grit {grit.times[-1]:.3f}s (manager.step {grit.grit_times[-1] * 1e3:.1f} ms)", flush=True)
+            k = i - args.warmup + 1
+            if k % args.print_every == 0 or k == args.steps:
+                print(f"  pair {k}/{args.steps}: control {control.times[-1]:.3f}s grit {grit.times[-1]:.3f}s "
+                      f"(inside GRIT {grit.grit_times[-1]['total'] * 1e3:.1f} ms host-side)", flush=True)
         else:
             print(f"  warm-up step {i + 1}/{args.warmup} done", flush=True)
-    return {"control": summarize(control.times), "grit": summarize(grit.times),
-            "grit_step_s": summarize(grit.grit_times),
-            "peak_bytes": {a.name: max(a.peaks) for a in (control, grit)} if cuda else None,
-            "timed_inversions": grit.manager.inversions - inv0,
-            "timed_preconditioned": grit.manager.preconditioned_steps - pre0}
+    out = {"control": summarize(control.times), "grit": summarize(grit.times),
+           "ratio": bootstrap_ratio(control.times, grit.times, args.bootstrap),
+           "peak_bytes": {a.name: max(a.peaks) for a in (control, grit)} if cuda else None,
+           "timed_inversions": grit.manager.inversions - inv0,
+           "timed_preconditioned": grit.manager.preconditioned_steps - pre0,
+           "grit_clock_pairs_s": clock_summary(grit.grit_times, args.bootstrap),
+           "grit_clock_per_step_s": grit.grit_times}
+    if cuda and args.clock_steps > 0:
+        parts = clock_pass(grit, step_batches, args)
+        out["grit_clock_synced_s"] = clock_summary(parts, args.bootstrap)
+        out["grit_clock_synced_per_step_s"] = parts
+    out["grit_time_s"] = out["grit_clock_synced_s" if "grit_clock_synced_s" in out else "grit_clock_pairs_s"]
+    return out
 
 
 def print_table(label: str, res: dict, mem: dict | None) -> None:
@@ -313,11 +463,17 @@ def print_table(label: str, res: dict, mem: dict | None) -> None:
               f"{s['min']:7.3f}-{s['max']:<7.3f} {m}")
     mem_ratio = f"{mem['grit'] / mem['control']:9.3f}" if mem else f"{'-':>9}"
     print(f"{'ratio':8} {g['median'] / c['median']:9.3f} {g['mean'] / c['mean']:8.3f} {'':15} {'':15} {mem_ratio}")
-    gs = res["grit_step_s"]
+    r = res["ratio"]
+    print(f"mean ratio GRIT/control {r['mean_ratio']:.4f}, bootstrap 95% interval [{r['ci95'][0]:.4f}, "
+          f"{r['ci95'][1]:.4f}] ({r['pairs']} pairs, {r['resamples']} resamples)")
+    t = res["grit_time_s"]
+    how = "device synchronised, separate pass" if "grit_clock_synced_s" in res else "during the timed pairs"
+    parts = ", ".join(f"{p} {t[p]['mean'] * 1e3:.2f}" for p in CLOCK_PARTS)
+    print(f"time inside GRIT per step ({how}): {t['total']['mean'] * 1e3:.2f} ms [{t['total']['ci95'][0] * 1e3:.2f}, "
+          f"{t['total']['ci95'][1] * 1e3:.2f}] = {t['total']['mean'] / c['mean'] * 100:.2f}% of a control step "
+          f"({parts} ms)")
     print(f"grit: {res['timed_preconditioned']}/{g['n']} timed steps preconditioned, {res['timed_inversions']} "
-          f"inversions in the window; manager.step() mean {gs['mean'] * 1e3:.1f} ms, max {gs['max'] * 1e3:.1f} ms "
-          f"({gs['mean'] / g['mean'] * 100:.1f}% of a GRIT step); rest of the overhead (hooks, metrics): "
-          f"{(g['mean'] - c['mean'] - gs['mean']) * 1e3:.1f} ms/step")
+          f"inversions in the window")
 
 
 def main(argv=None) -> None:
@@ -327,7 +483,8 @@ def main(argv=None) -> None:
                    help="GPU mode: random Llama-3-8B-shaped NF4 model (needs CUDA + bitsandbytes)")
     p.add_argument("--preset", default="smollm2-135m", help="CPU mode: study preset (default smollm2-135m)")
     p.add_argument("--seq", type=int, nargs="+", default=[512, 2048], help="GPU mode: sequence lengths")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per arm (>= 20 for reported figures)")
+    p.add_argument("--steps", type=int, default=100, help="timed interleaved pairs of steps (>= 100 for reported "
+                   "figures: 20 pairs left the mean ratio's interval at about +-3%%)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per arm first (the first inversion is in "
                    "them when --kfac-update-freq <= --warmup)")
     p.add_argument("--kfac-update-freq", type=int, default=5)
@@ -336,7 +493,15 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--lora-r", type=int, default=16, help="GPU mode: LoRA rank (CPU mode: the preset's)")
-    p.add_argument("--logging-steps", type=int, default=1, help="loss .item() and manager.metrics() every N steps")
+    p.add_argument("--logging-steps", type=int, default=1, help="loss .item() and GRIT metrics every N steps")
+    p.add_argument("--metrics-every", type=int, default=1, help="at every N-th log step manager.metrics(), at the "
+                   "others manager.counters() (GritTrainer's grit_metrics_every; 1 = metrics at every log step)")
+    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--clock-steps", type=int, default=10, help="GPU mode: GRIT-only steps of the synchronised clock "
+                   "pass (measurement mode) after the timed pairs; 0 skips it")
+    p.add_argument("--print-every", type=int, default=10, help="print every N-th timed pair")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's). On a shared, "
+                   "oversubscribed CPU, OpenMP ops with more threads than free cores stall for ~0.1 s each")
     p.add_argument("--mem-steps", type=int, default=6, help="CPU memory subprocesses: steps after the first")
     p.add_argument("--no-memory", action="store_true", help="CPU mode: skip the memory subprocesses")
     p.add_argument("--memory-only", action="store_true", help="CPU mode: only the memory subprocesses")
@@ -344,6 +509,8 @@ def main(argv=None) -> None:
     p.add_argument("--memory-arm", default=None, choices=["control", "grit"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_arm:
         memory_child(args)
         return
@@ -401,7 +568,8 @@ def run_gpu(args, results: dict, t_start: float) -> None:
     arms = []
     for name in ("control", "grit"):  # built one after the other; each takes its first (untimed) step alone
         model, opt = build_llama8b_shaped(args)
-        arm = Arm(name, model, opt, GRITManager(model, grit_config(args, args.lora_r)) if name == "grit" else None)
+        arm = Arm(name, model, opt, GRITManager(model, grit_config(args, args.lora_r)) if name == "grit" else None,
+                  metrics_every=args.metrics_every)
         arm.step(first, log=True, cuda=True)  # allocates the optimizer state
         resident[name] = idle_bytes() - base - sum(resident.values())
         arms.append(arm)

@@ -4,8 +4,13 @@
     manager = GRITManager(peft_model, GRITConfig(pairing="kfac"))
     loss.backward(); manager.step(); optimizer.step()
 
-The trainer glue (``GritOptimizer``, ``GritTrainer``, ``GritCallback``) is imported lazily, so
-``import grit`` never imports transformers. The math and its conventions: ``grit.math``.
+Layout: ``grit.config`` (GRITConfig), ``grit.discovery`` (finding the LoRA layers), ``grit.hooks``
+(capturing u and ĝ), ``grit.factors`` (the factor state: statistics, estimates, inverses),
+``grit.kfac_math`` (the math and its conventions, pure functions), ``grit.regularizers``,
+``grit.distributed``, ``grit.manager`` (the schedule and applying the preconditioner), and the
+framework glue in ``grit.integrations`` (``GritOptimizer``: plain torch; ``GritTrainer``,
+``GritCallback``: HF Trainer / TRL). The glue is imported lazily, so ``import grit`` never imports
+transformers.
 """
 
 from .config import GRITConfig, expected_preconditioned_steps
@@ -14,7 +19,8 @@ from .manager import GRITManager
 __all__ = ["GRITConfig", "GRITManager", "GritOptimizer", "GritTrainer", "GritCallback",
            "expected_preconditioned_steps"]
 
-_LAZY = {"GritOptimizer": "grit.optim", "GritTrainer": "grit.trainer", "GritCallback": "grit.trainer"}
+_LAZY = {"GritOptimizer": "grit.integrations.optimizer", "GritTrainer": "grit.integrations.hf",
+         "GritCallback": "grit.integrations.hf"}
 
 
 def __getattr__(name):

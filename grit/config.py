@@ -58,11 +58,16 @@ class GRITConfig:
         metadata={"help": "No preconditioning at steps n <= ng_warmup_steps (statistics are still captured)."})
     stat_update: str = field(
         default="mean",
-        metadata={"help": "How statistics combine across updates: 'mean' (token-weighted running mean over "
-                  "the whole run, as published) or 'ema' (F <- d*F + (1-d)*F_new once per factor update, "
-                  "F_new = the mean since the previous update)."})
+        metadata={"help": "What U and G average over (S_j, N_j: the Gram sum and token count of optimizer step j, "
+                  "n the update step). 'mean' (published): U = Σ_j S_j / Σ_j N_j, every statistics token since the "
+                  "start of the run alike, so it mixes u = A x of early A with today's. 'ema': U = Σ_j d^(n-j) S_j / "
+                  "Σ_j d^(n-j) N_j with d = stat_ema_decay per optimizer step: a step k steps old weighs d^k "
+                  "(horizon about 1/(1-d) steps) whatever kfac_update_freq is; 'mean' is its d = 1 case. Both are "
+                  "token-weighted and exact under data parallelism (grit.factors)."})
     stat_ema_decay: float = field(
-        default=0.95, metadata={"help": "Decay d of stat_update='ema', in [0, 1)."})
+        default=0.95,
+        metadata={"help": "Decay d per optimizer step of stat_update='ema', in [0, 1): the statistics of a step k "
+                  "steps old weigh d^k (0.95: a horizon of about 20 steps; 0: the last step alone)."})
     pairing: str = field(
         default="kfac",
         metadata={"help": "'kfac': ∇A <- (G+λI)^-1 ∇A, ∇B <- ∇B (U+λI)^-1 (the Kronecker-factored Fisher). "

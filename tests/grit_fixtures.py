@@ -18,8 +18,18 @@ VOCAB = 96
 
 def tiny_lora_model(seed: int = 0, r: int = 4, alpha: int = 12, rslora: bool = False, dtype=torch.float64,
                     adapter: str = "default", targets=("q_proj", "v_proj", "down_proj"), layers: int = 2,
-                    hidden: int = 32, init_b: bool = True):
-    """A 2-layer random Llama (hidden 32) with LoRA on ``targets``. B is randomised (init_b) so ĝ != 0 at once."""
+                    hidden: int = 32, init_b: bool = True, meta: bool = False):
+    """A 2-layer random Llama (hidden 32) with LoRA on ``targets``. B is randomised (init_b) so ĝ != 0 at once.
+
+    ``meta=True``: built on the ``meta`` device (no storage, B not randomised; the caller materialises it with
+    ``to_empty`` and loads weights)."""
+    if meta:
+        with torch.device("meta"):
+            return _tiny_lora_model(seed, r, alpha, rslora, dtype, adapter, targets, layers, hidden, init_b=False)
+    return _tiny_lora_model(seed, r, alpha, rslora, dtype, adapter, targets, layers, hidden, init_b).to(DEVICE)
+
+
+def _tiny_lora_model(seed, r, alpha, rslora, dtype, adapter, targets, layers, hidden, init_b):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +46,7 @@ def tiny_lora_model(seed: int = 0, r: int = 4, alpha: int = 12, rslora: bool = F
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.3)
-    return model.to(DEVICE)
+    return model
 
 
 def batch(seed: int, bsz: int = 3, seq: int = 10, pad_lengths=(0, 3, 6)):
@@ -108,6 +118,37 @@ class BruteForce:
             h.remove()
 
 
+def damped(F, value, mode="relative"):
+    """F + λI with GRITConfig's damping rule: relative λ = value·tr(F)/r, absolute λ = value."""
+    lam = value * torch.trace(F) / F.shape[0] if mode == "relative" else torch.tensor(value, dtype=F.dtype)
+    return F + lam * torch.eye(F.shape[0], dtype=F.dtype)
+
+
+def dense_natural_gradient(raw, factors, model, pairing="kfac", damping=0.1, mode="relative", adapter="default",
+                           swap=False, grafting=False):
+    """{name: (∇A', ∇B')} by float64 linear solves: ∇A' = (F_A + λI)^-1 ∇A, ∇B' = ∇B (F_B + λI)^-1.
+
+    raw: {name: (∇A, ∇B)}; factors: {name: {"U", "G"}} (e.g. ``BruteForce.factors()``). Pairing "kfac":
+    F_A = G, F_B = U; "reference": F_A = U, F_B = G/s². ``swap`` exchanges F_A and F_B (the wrong pairing,
+    for tests that must tell them apart); ``grafting`` rescales each solve to the Frobenius norm of the
+    raw gradient it came from.
+    """
+    out = {}
+    for name, layer in lora_pairs(model, adapter):
+        U, G = factors[name]["U"], factors[name]["G"]
+        s = float(layer.scaling[adapter])
+        F_A, F_B = (G, U) if pairing == "kfac" else (U, G / s**2)
+        if swap:
+            F_A, F_B = F_B, F_A
+        gA, gB = raw[name]
+        nA = torch.linalg.solve(damped(F_A, damping, mode), gA)
+        nB = torch.linalg.solve(damped(F_B, damping, mode), gB.T).T
+        if grafting:
+            nA, nB = nA * (gA.norm() / nA.norm()), nB * (gB.norm() / nB.norm())
+        out[name] = (nA, nB)
+    return out
+
+
 def host(t: torch.Tensor) -> torch.Tensor:
     """A float64 CPU copy (never an alias: on the CPU .cpu()/.double() may return the tensor itself)."""
     return t.detach().cpu().double().clone()
@@ -131,7 +172,10 @@ def projector(F, k):
 
 def reference_terms(model, factors, cfg):
     """The regularizers, per module, by autograd from float64 ``factors`` ({name: {"U", "G"}}): the two terms'
-    totals and each module's gradients w.r.t. A and B (the projectors from eigh, k by a plain loop)."""
+    totals and each module's gradients w.r.t. A and B (the projectors from eigh, k by a plain loop).
+
+    The documented formula: λ_k (tr(B F̂_B Bᵀ) + tr(Aᵀ F̂_A A)) + λ_r (||(I-P_A)A||² + ||B(I-P_B)||²),
+    where the factor built from G (F_A = G under "kfac", F_B = G/s² under "reference") enters as r·F/tr(F)."""
     total_k = total_r = 0.0
     grads = {}
     r = None
@@ -149,6 +193,11 @@ def reference_terms(model, factors, cfg):
             kA = kB = min(cfg.reprojection_k, r)
         P_A, P_B = projector(F_A, kA), projector(F_B, kB)
         I = torch.eye(r, dtype=torch.float64)
+        # The curvature term sees the factor built from G at mean eigenvalue 1 (grit.regularizers).
+        if cfg.pairing == "kfac":
+            F_A = F_A * r / torch.trace(F_A)
+        else:
+            F_B = F_B * r / torch.trace(F_B)
         curv = cfg.lambda_kfac * (torch.trace(B @ F_B @ B.T) + torch.trace(A.T @ F_A @ A))
         reproj = cfg.lambda_reproj * ((I - P_A) @ A).pow(2).sum() + cfg.lambda_reproj * (B @ (I - P_B)).pow(2).sum()
         gA, gB = torch.autograd.grad(curv + reproj, (A, B))

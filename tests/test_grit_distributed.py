@@ -1,5 +1,6 @@
 """DDP: two CPU processes under torchrun (gloo) with unequal token counts give the factors of one
-process that sees both micro-batches (each backpropagated with its own rank's loss, as DDP does)."""
+process that sees both micro-batches (each backpropagated with its own rank's loss, as DDP does),
+and decide the missing-statistics check together (tests/ddp_factors_worker.py)."""
 
 import os
 import subprocess
@@ -51,3 +52,8 @@ def test_two_rank_factors_equal_single_process(tmp_path):
         assert torch.equal(ranks[0]["factors"][name]["inv_A"], ranks[1]["factors"][name]["inv_A"])
         assert torch.equal(ranks[0]["factors"][name]["inv_B"], ranks[1]["factors"][name]["inv_B"])
     assert ranks[0]["metrics"]["grit/stat_tokens"] == 35
+    # The capture check is decided on all-reduced counts: a fused forward on rank 0 alone is no error (rank 1's
+    # 8 tokens reach every rank), a fused forward everywhere is an error on both ranks.
+    for r in range(2):
+        assert ranks[r]["fused_on_rank0"] == {"raised": False, "tokens": [8.0] * len(single)}, r
+        assert ranks[r]["fused_everywhere"] == {"raised": True}, r

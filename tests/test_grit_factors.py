@@ -81,8 +81,11 @@ def test_running_mean_and_ema_across_updates():
         ema.step()
         model.zero_grad()
     ema.close()
-    want = {n: {k: 0.7 * per_step[0][n][k] + 0.3 * per_step[1][n][k] for k in ("U", "G")}
-            | {"tokens": per_step[0][n]["tokens"] + per_step[1][n]["tokens"]} for n in per_step[0]}
+    # The per-step EMA (GRITConfig.stat_update): (d·S_1 + S_2) / (d·N_1 + N_2), S = the step's Gram sum.
+    want = {}
+    for n in per_step[0]:
+        (f1, f2), (c1, c2) = (per_step[0][n], per_step[1][n]), (per_step[0][n]["tokens"], per_step[1][n]["tokens"])
+        want[n] = {k: (0.7 * c1 * f1[k] + c2 * f2[k]) / (0.7 * c1 + c2) for k in ("U", "G")} | {"tokens": c1 + c2}
     assert_factors_close(ema.factors(), want)
 
     # Running mean over two steps folded at one update (kfac_update_freq=2): token-weighted.
@@ -94,6 +97,59 @@ def test_running_mean_and_ema_across_updates():
         mean.step()
         model.zero_grad()
     assert_factors_close(mean.factors(), brute.factors())
+
+
+def _per_step_factors(freq, d, steps):
+    """A fresh same-seed model under stat_update='ema' (update every ``freq`` steps, no training): the manager's
+    factors after ``steps`` steps, and the float64 brute-force factors of every step (1 or 2 micro-batches)."""
+    model = tiny_lora_model(seed=12, rslora=True)
+    brute = BruteForce(model)
+    manager = GRITManager(model, GRITConfig(**{**OBSERVE, "kfac_update_freq": freq, "stat_update": "ema",
+                                               "stat_ema_decay": d}))
+    per_step = []
+    for j in range(steps):
+        brute.clear()
+        micro = [batch(60 + 2 * j + m, pad_lengths=((j + m) % 4, 2 * m, 5 - j % 3)) for m in range(1 + j % 2)]
+        backward_micro_batches(model, micro, brute)
+        per_step.append(brute.factors())
+        manager.step()
+        model.zero_grad()
+    got = manager.factors()
+    manager.close()
+    return got, per_step
+
+
+def test_ema_decays_per_step_whatever_the_update_frequency():
+    """stat_update='ema' equals the per-step recursion S <- d·S + S_j, N <- d·N + N_j, U = S/N (S_j, N_j: step j's
+    Gram sum and token count, float64 from per-token u and ĝ), with updates every 2 steps and every 3 steps alike:
+    the estimate's horizon is counted in optimizer steps, not in factor updates."""
+    d, steps = 0.8, 6
+    results = {freq: _per_step_factors(freq, d, steps) for freq in (2, 3)}
+    per_step = results[2][1]
+    want = {}
+    for name in per_step[0]:
+        S = {"U": 0.0, "G": 0.0}
+        N = 0.0
+        for f in per_step:
+            for key in S:
+                S[key] = d * S[key] + f[name][key] * f[name]["tokens"]
+            N = d * N + f[name]["tokens"]
+        want[name] = {key: S[key] / N for key in S} | {"tokens": sum(f[name]["tokens"] for f in per_step)}
+    for freq, (got, _) in results.items():
+        assert_factors_close(got, want)
+
+    # An EMA over factor updates (F <- d·F + (1-d)·the update's mean) depends on the frequency and is far from the
+    # per-step one, so this test tells them apart.
+    for freq in (2, 3):
+        worst = 0.0
+        for name in per_step[0]:
+            F = None
+            for start in range(0, steps, freq):
+                block = per_step[start:start + freq]
+                mean = sum(f[name]["G"] * f[name]["tokens"] for f in block) / sum(f[name]["tokens"] for f in block)
+                F = mean if F is None else d * F + (1 - d) * mean
+            worst = max(worst, float(torch.linalg.norm(F - want[name]["G"]) / torch.linalg.norm(want[name]["G"])))
+        assert worst > 0.05, freq
 
 
 class _LogitsForCurvlinops(torch.nn.Module):
@@ -152,3 +208,88 @@ def test_factors_match_curvlinops_kfac_empirical():
         cos = (U * G).sum() / (U.norm() * G.norm())
         assert cos < 0.99
     manager.close()
+
+
+# ----------------------------------------------------------------------------- the factor state on its own
+
+def _grams(gen, k, r, n_tokens):
+    """k modules' Σuuᵀ, Σĝĝᵀ over n_tokens random positions, float64."""
+    u = torch.randn(k, n_tokens, r, generator=gen, dtype=torch.float64)
+    g = torch.randn(k, n_tokens, r, generator=gen, dtype=torch.float64) * 1e-2
+    return u.transpose(1, 2) @ u, g.transpose(1, 2) @ g
+
+
+def _state(scales, ranks, **cfg):
+    from grit.factors import FactorState, ModuleSpec
+
+    specs = [ModuleSpec(f"m{i}", r, torch.device("cpu"), lambda s=s: s) for i, (s, r) in enumerate(zip(scales, ranks))]
+    return FactorState(specs, GRITConfig(**{**OBSERVE, **cfg}))
+
+
+@pytest.mark.parametrize("stat_update", ["mean", "ema"])
+def test_factor_state_accumulate_fold_and_named_sides_by_hand(stat_update):
+    """Grams handed over by accumulate() are folded as GRITConfig says (token-weighted mean over updates, or
+    the per-step EMA, each fold ending one step), and the A and B sides hold the factors of the pairing
+    ('reference': F_A = U, F_B = G/s²) and their damped inverses: all against float64 arithmetic written out here."""
+    d = 0.6
+    scales, ranks = [2.0, 0.5, 3.0], [3, 3, 2]     # two factor groups: r = 3 (modules 0, 1) and r = 2 (module 2)
+    fs = _state(scales, ranks, stat_update=stat_update, stat_ema_decay=d, pairing="reference", kfac_damping=0.1)
+    assert len(fs.groups) == 2 and fs.bucket(0) == fs.bucket(1) != fs.bucket(2)
+    gen = torch.Generator().manual_seed(0)
+    sums = {i: [] for i in range(3)}               # per update: (ΣUU, ΣGG, tokens) of each module
+    for update, tokens in enumerate(((5, 7), (11,))):
+        per = {i: [0.0, 0.0, 0] for i in range(3)}
+        for n_tok in tokens:                       # micro-batches of one update
+            for modules in ([0, 1], [2]):
+                UU, GG = _grams(gen, len(modules), ranks[modules[0]], n_tok)
+                fs.accumulate(modules, UU.float(), GG.float(), torch.tensor(float(n_tok)))
+                for j, i in enumerate(modules):
+                    per[i][0], per[i][1], per[i][2] = per[i][0] + UU[j], per[i][1] + GG[j], per[i][2] + n_tok
+        for i in range(3):
+            sums[i].append(per[i])
+        fs.fold()
+    fs.invert()
+    got = fs.module_factors()
+    for i in range(3):
+        (U1, G1, c1), (U2, G2, c2) = sums[i]
+        if stat_update == "mean":
+            U, G = (U1 + U2) / (c1 + c2), (G1 + G2) / (c1 + c2)
+        else:  # each fold ends one step: the first update's sums decay by d once
+            U, G = (d * U1 + U2) / (d * c1 + c2), (d * G1 + G2) / (d * c1 + c2)
+        f = got[f"m{i}"]
+        assert f["tokens"] == c1 + c2
+        F_A, F_B = U, G / scales[i] ** 2
+        r = ranks[i]
+        for key, want in (("U", U), ("G", G), ("F_A", F_A), ("F_B", F_B)):
+            assert torch.linalg.norm(f[key].double() - want) / torch.linalg.norm(want) < 1e-6, (i, key)
+        for key, Fm in (("inv_A", F_A), ("inv_B", F_B)):
+            want = torch.linalg.inv(Fm + 0.1 * torch.trace(Fm) / r * torch.eye(r, dtype=torch.float64))
+            assert torch.linalg.norm(f[key].double() - want) / torch.linalg.norm(want) < 1e-5, (i, key)
+    # The named sides are the two halves of the group's stack, views that follow every in-place write.
+    g = fs.groups[0]
+    assert torch.equal(g.A.F, g.F[:g.n]) and torch.equal(g.B.inv, g.inv[g.n:])
+    assert g.A.F.data_ptr() == g.F.data_ptr() and bool(g.valid.all())
+    with pytest.raises(ValueError, match="span factor groups"):
+        fs.accumulate([0, 2], torch.zeros(2, 3, 3), torch.zeros(2, 3, 3), torch.tensor(1.0))
+
+
+def test_factor_state_round_trip_and_refusal_of_other_modules():
+    fs = _state([2.0, 0.5], [3, 3])
+    gen = torch.Generator().manual_seed(1)
+    UU, GG = _grams(gen, 2, 3, 6)
+    fs.accumulate([0, 1], UU.float(), GG.float(), torch.tensor(6.0))
+    fs.fold()
+    fs.invert()
+    UU, GG = _grams(gen, 2, 3, 4)
+    fs.accumulate([0, 1], UU.float(), GG.float(), torch.tensor(4.0))  # pending at save time
+    saved = fs.state_dict()
+    other = _state([2.0, 0.5], [3, 3])
+    other.load_state_dict(saved)
+    for name, f in fs.module_factors().items():
+        for key, value in f.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other.module_factors()[name][key])), key
+    fs.fold()
+    other.fold()
+    assert torch.equal(fs.groups[0].U, other.groups[0].U) and fs.module_factors()["m0"]["tokens"] == 10
+    with pytest.raises(ValueError, match="other LoRA modules"):
+        _state([2.0], [3]).load_state_dict(saved)

@@ -6,12 +6,15 @@ per-token u and ĝ), never the manager's own factors.
 
 import copy
 import io
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from grit import GRITConfig, GRITManager, expected_preconditioned_steps
-from grit_fixtures import BruteForce, batch, host, lora_pairs, reference_terms, tiny_lora_model
+from grit_fixtures import (DEVICE, BruteForce, batch, dense_natural_gradient, host, lora_pairs, reference_terms,
+                           tiny_lora_model)
 
 NG = dict(kfac_update_freq=1, kfac_min_samples=1, lambda_kfac=0.0, lambda_reproj=0.0)
 
@@ -20,30 +23,6 @@ def grads_of(model, adapter="default"):
     return {name: (host(layer.lora_A[adapter].weight.grad),
                    host(layer.lora_B[adapter].weight.grad))
             for name, layer in lora_pairs(model, adapter)}
-
-
-def damped(F, value, mode):
-    lam = value * torch.trace(F) / F.shape[0] if mode == "relative" else torch.tensor(value, dtype=F.dtype)
-    return F + lam * torch.eye(F.shape[0], dtype=F.dtype)
-
-
-def dense_expectation(raw, factors, model, pairing, damping, mode, adapter="default", swap=False, grafting=False):
-    """{name: (∇A', ∇B')} by float64 linear solves with the brute-force factors; with ``grafting`` each
-    solve is rescaled to the Frobenius norm of the raw gradient it came from."""
-    out = {}
-    for name, layer in lora_pairs(model, adapter):
-        U, G = factors[name]["U"], factors[name]["G"]
-        s = float(layer.scaling[adapter])
-        F_A, F_B = (G, U) if pairing == "kfac" else (U, G / s**2)
-        if swap:
-            F_A, F_B = F_B, F_A
-        gA, gB = raw[name]
-        nA = torch.linalg.solve(damped(F_A, damping, mode), gA)
-        nB = torch.linalg.solve(damped(F_B, damping, mode), gB.T).T
-        if grafting:
-            nA, nB = nA * (gA.norm() / nA.norm()), nB * (gB.norm() / nB.norm())
-        out[name] = (nA, nB)
-    return out
 
 
 def rel(a, b):
@@ -66,8 +45,8 @@ def test_preconditioned_grads_equal_dense_solve_and_not_the_swapped_one(pairing,
     assert manager.step() is True
     got = grads_of(model)
     factors = brute.factors()
-    want = dense_expectation(raw, factors, model, pairing, damping, mode, grafting=grafting)
-    swapped = dense_expectation(raw, factors, model, pairing, damping, mode, swap=True, grafting=grafting)
+    want = dense_natural_gradient(raw, factors, model, pairing, damping, mode, grafting=grafting)
+    swapped = dense_natural_gradient(raw, factors, model, pairing, damping, mode, swap=True, grafting=grafting)
     for name in want:
         for side in (0, 1):
             assert rel(got[name][side], want[name][side]) < 1e-4, (name, "AB"[side])
@@ -228,9 +207,10 @@ def test_nan_injected_into_a_factor_is_skipped_counted_and_replaced():
     opt.step()
     opt.zero_grad()
     first = manager.lora_module_names[0]
-    group = manager._modules[0].group
-    group.G[manager._modules[0].index, 0, 1] = float("nan")   # a corrupted stored factor
-    group.pend_U[1, 2, 2] = float("inf")                      # and a corrupted pending statistic
+    fs = manager.factor_state
+    (g0, row0), (g1, row1) = fs.slots[0], fs.slots[1]
+    fs.groups[g0].G[row0, 0, 1] = float("nan")   # module 0: a corrupted stored factor
+    fs.groups[g1].pend_U[row1, 2, 2] = float("inf")  # module 1: a corrupted pending statistic
     model(**batch(1)).loss.backward()
     assert manager.step()
     opt.step()
@@ -271,7 +251,7 @@ def test_4bit_bitsandbytes_model_is_found_and_preconditioned():
     raw = grads_of(model)
     assert manager.step() and manager.preconditioned_steps == 1
     got = grads_of(model)
-    want = dense_expectation(raw, brute.factors(), model, "kfac", 0.1, "relative", grafting=True)  # the default
+    want = dense_natural_gradient(raw, brute.factors(), model, "kfac", 0.1, "relative", grafting=True)  # the default
     for name in want:
         for side in (0, 1):
             assert rel(got[name][side], want[name][side]) < 1e-3, (name, side)
@@ -308,7 +288,7 @@ def test_fp16_grad_scaler_gives_the_unscaled_statistics_and_update():
             assert rel(mine[name][key], factors[name][key]) < 1e-5, (name, key)
     total_k, total_r, reg = reference_terms(model, factors, cfg)
     with_reg = {name: (raw[name][0] + reg[name][0], raw[name][1] + reg[name][1]) for name in raw}
-    want = dense_expectation(with_reg, factors, model, "kfac", 0.1, "relative", grafting=True)
+    want = dense_natural_gradient(with_reg, factors, model, "kfac", 0.1, "relative", grafting=True)
     # 1e-3, the bound of test_grit_regularizers: the manager's fp32 projectors against float64 eigh ones.
     for name in want:
         for side in (0, 1):
@@ -350,3 +330,124 @@ def test_fp16_overflow_reaches_the_grad_scaler():
             assert torch.equal(p, before[n]), n
     with pytest.raises(TypeError, match="GradScaler"):
         manager.attach_grad_scaler(object())
+
+
+# ----------------------------------------------------------------------------- nothing silently
+
+def fused_lora_forward(self, x, *args, **kwargs):
+    """A PEFT LoRA Linear forward as a fused LoRA kernel computes it (Unsloth's on CUDA): the same function, with
+    the LoRA weights read directly, so gradients reach lora_A and lora_B but their modules are never called."""
+    result = self.base_layer(x, *args, **kwargs)
+    for adapter in self.active_adapters:
+        if adapter in self.lora_A:
+            A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+            result = result + F.linear(F.linear(x.to(A.dtype), A), B) * self.scaling[adapter]
+    return result
+
+
+@pytest.mark.parametrize("freq", [1, 3])
+def test_lora_gradients_without_statistics_are_refused_at_the_first_update(monkeypatch, freq):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = tiny_lora_model(seed=13)
+    b = batch(13)
+    normal_loss = model(**b).loss.detach()
+    monkeypatch.setattr(LoraLinear, "forward", fused_lora_forward)
+    manager = GRITManager(model, GRITConfig(kfac_update_freq=freq, kfac_min_samples=1))
+    loss = model(**b).loss
+    assert torch.allclose(loss.detach(), normal_loss, rtol=1e-12)  # the fused forward computes the same function
+    for _ in range(freq - 1):  # no factor update yet: nothing to decide
+        loss.backward()
+        assert manager.step() is False
+        model.zero_grad()
+        loss = model(**b).loss
+    loss.backward()
+    grads = [layer.lora_A["default"].weight.grad for _, layer in lora_pairs(model)]
+    assert all(g is not None and float(g.abs().sum()) > 0 for g in grads)  # LoRA is trained, the hooks saw nothing
+    with pytest.raises(RuntimeError, match="no statistics for 6 of the 6 LoRA modules") as err:
+        manager.step()
+    for words in ("fused LoRA kernel", "Unsloth", "lora_A/lora_B", "plain PEFT forward", "transformers + peft"):
+        assert words in str(err.value), words
+    assert manager.optimizer_steps == freq
+
+    # Only one module bypassed (its forward fused): refused too, and named.
+    monkeypatch.undo()
+    model = tiny_lora_model(seed=13)
+    name, layer = lora_pairs(model)[4]
+    layer.forward = types.MethodType(fused_lora_forward, layer)
+    manager = GRITManager(model, GRITConfig(kfac_update_freq=1, kfac_min_samples=1))
+    model(**b).loss.backward()
+    with pytest.raises(RuntimeError, match=f"1 of the 6 LoRA modules .*{name}"):
+        manager.step()
+
+    # The plain PEFT forward, the same steps: no error, and it preconditions.
+    model = tiny_lora_model(seed=13)
+    manager = GRITManager(model, GRITConfig(kfac_update_freq=freq, kfac_min_samples=1))
+    for _ in range(freq):
+        model(**b).loss.backward()
+        preconditioned = manager.step()
+        model.zero_grad()
+    assert preconditioned and manager.preconditioned_steps == 1
+    # A step without any backward (nothing trained) is not the bypass either: no error, nothing done.
+    idle = GRITManager(tiny_lora_model(seed=13), GRITConfig(kfac_update_freq=1, kfac_min_samples=1))
+    assert idle.step() is False and not idle.ready
+
+
+# ----------------------------------------------------------------------------- the manager follows the model
+
+def test_manager_built_before_the_model_is_materialised_follows_its_device_and_dtype():
+    """README's order is manager first, then a Trainer that moves the model. Here the manager is built on a model
+    that exists only on the ``meta`` device in float64; the model is then materialised (``to_empty``, which
+    replaces every parameter object), loaded from a same-seed float32 model and cast to float32. The factors and
+    the preconditioned gradients must be those of the loaded model (float64 brute force and dense solve).
+    A multi-GPU ``device_map`` (factor groups on several devices, counters summed on the host) cannot be tested
+    on this project's CPU machines; ``GRIT_TEST_DEVICE=cuda`` runs this test with the model moved to a GPU."""
+    source = tiny_lora_model(seed=14, dtype=torch.float32)
+    model = tiny_lora_model(seed=14, dtype=torch.float64, meta=True)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    manager = GRITManager(model, GRITConfig(**NG))
+    old_params = [p for p in model.parameters()]
+    model.to_empty(device=DEVICE)
+    model.load_state_dict(source.state_dict())
+    for (name, buf), (_, src) in zip(model.named_buffers(), source.named_buffers()):
+        buf.copy_(src)  # non-persistent buffers (rotary inv_freq) are not in the state dict
+    model.to(torch.float32)
+    assert all(p.dtype == torch.float32 and p.device.type == DEVICE.type for p in model.parameters())
+    assert not any(p is q for p, q in zip(model.parameters(), old_params))  # the parameter objects were replaced
+
+    brute = BruteForce(model)
+    for b in (batch(50, pad_lengths=(0, 4, 2)), batch(51, pad_lengths=(3, 0, 0))):
+        brute.mask = b["attention_mask"]
+        (model(**b).loss / 2).backward()
+    raw = grads_of(model)
+    assert manager.step() is True
+    want = brute.factors()
+    got = manager.factors()
+    for name in want:
+        assert got[name]["tokens"] == want[name]["tokens"] == 24 + 27
+        for key in ("U", "G"):
+            assert rel(got[name][key].double(), want[name][key]) < 2e-5, (name, key)
+    natural = dense_natural_gradient(raw, want, model, "kfac", 0.1, "relative", grafting=True)  # the defaults
+    after = grads_of(model)
+    for name in natural:
+        for side in (0, 1):
+            assert rel(after[name][side], natural[name][side]) < 1e-4, (name, "AB"[side])
+    m = manager.metrics()
+    assert m["grit/stat_tokens"] == 51 and m["grit/skipped_modules"] == 0 and m["grit/nonfinite_grads"] == 0
+    assert m["grit/ng_grad_norm"] == pytest.approx(
+        float(torch.sqrt(sum(w.pow(2).sum() for pair in natural.values() for w in pair))), rel=1e-4)
+
+
+def test_moving_the_model_after_the_factor_state_was_used_is_refused():
+    """The factor state is placed at its first use; a model that moves afterwards is refused with what to do."""
+    source = tiny_lora_model(seed=15, dtype=torch.float32)
+    model = tiny_lora_model(seed=15, dtype=torch.float32, meta=True)
+    manager = GRITManager(model, GRITConfig(**NG))
+    assert manager.factor_state.groups[0].device.type == "meta"  # a first use while the model is still there
+    model.to_empty(device=DEVICE)
+    model.load_state_dict(source.state_dict())
+    for (_, buf), (_, src) in zip(model.named_buffers(), source.named_buffers()):
+        buf.copy_(src)
+    model(**batch(0)).loss.backward()
+    with pytest.raises(RuntimeError, match="allocated on meta.*Move the model to its training device before"):
+        manager.step()

@@ -1,4 +1,4 @@
-"""grit.math, grit.config and the package surface, against float64 linear algebra written out here."""
+"""grit.kfac_math, grit.config and the package surface, against float64 linear algebra written out here."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grit import GRITConfig, expected_preconditioned_steps
-from grit import math as gm
+from grit import kfac_math as gm
 from grit.distributed import maybe_all_reduce
 
 

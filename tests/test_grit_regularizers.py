@@ -5,6 +5,8 @@ torch.linalg.eigh with k chosen by a plain loop over the sorted eigenvalues, and
 them with autograd; the manager adds analytic gradients to .grad in batched form.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -87,3 +89,40 @@ def test_reprojection_projects_weights_with_the_paired_projectors(two_sided):
         assert rel(host(layer.lora_A["default"].weight), P_A @ A0) < 1e-4
         assert rel(host(layer.lora_B["default"].weight), want_B) < 1e-4
         assert rel(P_A @ A0, A0) > 0.01  # the projection is not the identity
+
+
+def _added_regularizer_gradients(model, cfg, b):
+    """The gradients one step of a fresh manager adds to .grad (preconditioning off), float64 per module, and its
+    logged terms."""
+    manager = GRITManager(model, cfg)
+    model(**b).loss.backward()
+    raw = {n: (host(l.lora_A["default"].weight.grad), host(l.lora_B["default"].weight.grad))
+           for n, l in lora_pairs(model)}
+    assert manager.step() is False
+    added = {n: (host(l.lora_A["default"].weight.grad) - raw[n][0], host(l.lora_B["default"].weight.grad) - raw[n][1])
+             for n, l in lora_pairs(model)}
+    m = manager.metrics()
+    manager.close()
+    return added, m["grit/reg_kfac"], m["grit/reg_reproj"]
+
+
+@pytest.mark.parametrize("term", ["curvature", "reprojection"])
+@pytest.mark.parametrize("pairing", ["kfac", "reference"])
+def test_regularizer_strength_does_not_depend_on_the_batch(pairing, term):
+    """Every sequence of the step twice in the batch: the same data, so the same regularizer. The loss averages
+    twice as many tokens, which halves ĝ and quarters G; the G-side factor is normalised inside the regularizer, so
+    every gradient it adds and the logged term stay as they were. One term at a time, so neither hides the other."""
+    lambdas = {"lambda_kfac": 0.3, "lambda_reproj": 0.0} if term == "curvature" else \
+        {"lambda_kfac": 0.0, "lambda_reproj": 0.2}
+    cfg = GRITConfig(pairing=pairing, precondition=False, kfac_update_freq=1, kfac_min_samples=1,
+                     enable_rank_adaptation=False, reprojection_k=2, **lambdas)
+    base = tiny_lora_model(seed=33)
+    b = batch(33, pad_lengths=(2, 0, 5))
+    twice = {k: torch.cat([v, v]) for k, v in b.items()}
+    once, k1, r1 = _added_regularizer_gradients(copy.deepcopy(base), cfg, b)
+    doubled, k2, r2 = _added_regularizer_gradients(copy.deepcopy(base), cfg, twice)
+    for name in once:
+        for side in (0, 1):
+            assert rel(doubled[name][side], once[name][side]) < 1e-5, (name, "AB"[side])
+    value1, value2 = (k1, k2) if term == "curvature" else (r1, r2)
+    assert value1 > 0 and value2 == pytest.approx(value1, rel=1e-5)

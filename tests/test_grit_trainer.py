@@ -1,11 +1,13 @@
 """GRIT inside real ``Trainer.train()`` runs: the natural gradient is applied, once per step, where it should be.
 
-Every expectation is computed here, independently of ``grit``: per-token u (lora_A's output) and ĝ
-(the gradient at it) are collected with plain hooks on a copy of the model, the factors
-G = E[ĝĝᵀ], U = E[uuᵀ] are built densely in float64 over the non-padding positions, and the
-preconditioned gradients (G+λI)⁻¹∇A, ∇B(U+λI)⁻¹ are solved in float64 with the damping rule of
-``GRITConfig`` (relative: λ = kfac_damping·tr(F)/r). The models are tiny random Llamas with LoRA
-r=4, alpha=8 (s = 2) or rsLoRA (s = alpha/√r), so a missing or doubled s cannot hide.
+Every expectation is computed independently of ``grit``, on a copy of the model: per-token u (lora_B's
+input) and ĝ (its gradient, by ``retain_grad()``) are recorded by ``grit_fixtures.BruteForce`` (not the
+forward-hook-plus-tensor-hook mechanism grit captures with), the factors G = E[ĝĝᵀ], U = E[uuᵀ] built
+densely in float64 over the non-padding positions, and the preconditioned gradients (G+λI)⁻¹∇A,
+∇B(U+λI)⁻¹ solved in float64 (``grit_fixtures.dense_natural_gradient``) with the damping rule of
+``GRITConfig`` (relative: λ = kfac_damping·tr(F)/r). The models are ``grit_fixtures.tiny_lora_model``
+(random 2-layer Llamas) with LoRA on all 7 projections, r=4, alpha=8 (s = 2) or rsLoRA (s = alpha/√r),
+so a missing or doubled s cannot hide.
 """
 
 from __future__ import annotations
@@ -17,38 +19,23 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from grit import GRITConfig, GRITManager
-from grit.optim import GritOptimizer
+from grit import GRITConfig, GRITManager, GritCallback, GritOptimizer, GritTrainer
+from grit.integrations.hf import GRIT_STATE_NAME
 from grit.study.data import PadCollator
-from grit.trainer import GRIT_STATE_NAME, GritCallback, GritTrainer
+from grit_fixtures import VOCAB, BruteForce, dense_natural_gradient, lora_pairs, tiny_lora_model
 
-VOCAB = 256
 PAD = 0
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COLLATE = PadCollator(pad_token_id=PAD)
 
 
 # ----------------------------------------------------------------------------- builders
 
 def tiny_model(seed: int = 0, *, r: int = 4, alpha: int = 8, rslora: bool = False):
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = get_peft_model(LlamaForCausalLM(config),
-                           LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, lora_dropout=0.0,
-                                      target_modules=TARGETS, task_type="CAUSAL_LM"))
-    # PEFT starts B at 0, which makes ĝ = s·Bᵀ∂L/∂y and so G exactly 0: give B values so both factors carry curvature.
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
+    """fp32 (what the Trainer trains), LoRA on every projection; B is random so both factors carry curvature."""
+    return tiny_lora_model(seed, r=r, alpha=alpha, rslora=rslora, dtype=torch.float32, targets=TARGETS)
 
 
 def random_examples(n: int, seed: int = 0, min_len: int = 5, max_len: int = 14, prompt: int = 2) -> list[dict]:
@@ -84,10 +71,6 @@ def grit_config(**overrides) -> GRITConfig:
     return GRITConfig(**kw)
 
 
-def lora_layers(model, adapter: str = "default"):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
-
-
 def lora_params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
@@ -98,60 +81,51 @@ def all_params(model) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- the independent reference
 
+def backward_step(model, batches: list[dict], brute: BruteForce | None = None) -> None:
+    """Backpropagate one optimizer step as the Trainer does: each micro-batch's token-summed cross entropy
+    divided by the loss-token count of the whole step (``brute``, if given, is told each micro-batch's mask)."""
+    n_loss_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    for b in batches:
+        if brute is not None:
+            brute.mask = b["attention_mask"]
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), b["labels"][:, 1:].reshape(-1),
+                             ignore_index=-100, reduction="sum")
+        (ce / n_loss_tokens).backward()
+
+
 def reference_step(model, batches: list[dict], adapter: str = "default") -> dict[str, dict]:
-    """Gradients and K-FAC factors of one optimizer step over ``batches``, float64, without grit.
+    """Gradients and K-FAC factors of one optimizer step over ``batches``, float64 on the CPU, without grit.
 
     The loss is what the Trainer backpropagates here: the token-summed cross entropy of each micro-batch
     divided by the number of loss tokens of the whole step. Returns per LoRA layer name:
     gA (r, d_in), gB (d_out, r), G (r, r) = E[ĝĝᵀ], U (r, r) = E[uuᵀ] (E over non-padding positions).
     """
     m = copy.deepcopy(model)
+    # A deep copy keeps the module hooks, whose closures still point at the original's owners: a GRITManager
+    # attached to ``model`` would record the reference's forwards as well.
+    if any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules()):
+        raise RuntimeError("reference_step: the model has module hooks (a GRITManager?); compute the reference "
+                           "before attaching one, or close it first")
     m.train()
-    n_loss_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    seen: dict[str, dict[str, list]] = {}
-    handles = []
-    for name, layer in lora_layers(m, adapter):
-        seen[name] = {"u": [], "g": []}
-
-        def hook(module, inputs, u, name=name):
-            seen[name]["u"].append(u.detach().double())
-            u.register_hook(lambda g, name=name: seen[name]["g"].append(g.detach().double()))
-
-        handles.append(layer.lora_A[adapter].register_forward_hook(hook))
-    for b in batches:
-        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), b["labels"][:, 1:].reshape(-1),
-                             ignore_index=-100, reduction="sum")
-        (ce / n_loss_tokens).backward()
-    for h in handles:
-        h.remove()
-    masks = [b["attention_mask"].bool() for b in batches]
-    count = sum(int(k.sum()) for k in masks)
-    out = {}
-    for name, layer in lora_layers(m, adapter):
-        u = torch.cat([x[k] for x, k in zip(seen[name]["u"], masks)])  # (tokens, r)
-        g = torch.cat([x[k] for x, k in zip(seen[name]["g"], masks)])
-        out[name] = {"gA": layer.lora_A[adapter].weight.grad.double(), "gB": layer.lora_B[adapter].weight.grad.double(),
-                     "U": u.T @ u / count, "G": g.T @ g / count}
-    return out
+    brute = BruteForce(m, adapter)
+    backward_step(m, batches, brute)
+    factors = brute.factors()
+    brute.close()
+    return {name: {"gA": layer.lora_A[adapter].weight.grad.detach().cpu().double(),
+                   "gB": layer.lora_B[adapter].weight.grad.detach().cpu().double(),
+                   "U": factors[name]["U"], "G": factors[name]["G"]}
+            for name, layer in lora_pairs(m, adapter)}
 
 
-def damped(Fm: torch.Tensor, damping: float) -> torch.Tensor:
-    r = Fm.shape[-1]
-    return Fm + damping * torch.trace(Fm) / r * torch.eye(r, dtype=Fm.dtype)
-
-
-def natural_gradient(ref: dict, damping: float = 0.1, swap: bool = False,
+def natural_gradient(model, ref: dict, damping: float = 0.1, swap: bool = False,
                      grafting: bool = False) -> dict[str, torch.Tensor]:
-    """{"<layer>.lora_A": (G+λI)⁻¹∇A, "<layer>.lora_B": ∇B(U+λI)⁻¹}; ``swap=True`` pairs A with U and B with G;
-    ``grafting=True`` rescales each to the Frobenius norm of the raw gradient it came from."""
+    """{"<layer>.lora_A": (G+λI)⁻¹∇A, "<layer>.lora_B": ∇B(U+λI)⁻¹} (``dense_natural_gradient``, kfac);
+    ``swap=True`` pairs A with U and B with G; ``grafting=True`` rescales each to its raw gradient's norm."""
+    raw = {name: (r["gA"], r["gB"]) for name, r in ref.items()}
+    dense = dense_natural_gradient(raw, ref, model, "kfac", damping, "relative", swap=swap, grafting=grafting)
     out = {}
-    for name, r in ref.items():
-        FA, FB = (r["U"], r["G"]) if swap else (r["G"], r["U"])
-        nA = torch.linalg.solve(damped(FA, damping), r["gA"])
-        nB = torch.linalg.solve(damped(FB, damping), r["gB"].T).T  # ∇B (F+λI)⁻¹, F symmetric
-        if grafting:
-            nA, nB = nA * (r["gA"].norm() / nA.norm()), nB * (r["gB"].norm() / nB.norm())
+    for name, (nA, nB) in dense.items():
         out[f"{name}.lora_A"], out[f"{name}.lora_B"] = nA, nB
     return out
 
@@ -200,17 +174,9 @@ def make_trainer(path: str, model, args, examples, manager, max_grad_norm=None):
         assert args.optim == "sgd" and args.weight_decay == 0
         sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
         opt = GritOptimizer(sgd, manager, max_grad_norm=args.max_grad_norm)
+        assert opt is sgd  # a hook on the user's optimizer, not a wrapper around it
         return Trainer(model=model, args=args, train_dataset=examples, data_collator=COLLATE, optimizers=(opt, None))
     raise ValueError(path)
-
-
-def preconditioned_count(trainer, manager) -> int:
-    if isinstance(trainer, GritTrainer):
-        return trainer.grit_preconditioned_steps
-    for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, GritCallback):
-            return cb.preconditioned_steps
-    return trainer.optimizer.optimizer.preconditioned_steps  # accelerate wraps the GritOptimizer
 
 
 # ----------------------------------------------------------------------------- one exact step
@@ -225,12 +191,12 @@ def test_grit_trainer_sgd_step_is_the_natural_gradient(tmp_path, rslora):
     trainer = make_trainer("trainer", model, train_args(tmp_path), examples, manager)
     trainer.train()
 
-    assert trainer.grit_preconditioned_steps == 1 and manager.preconditioned_steps == 1
+    assert manager.preconditioned_steps == 1 and manager.optimizer_steps == 1
     # SGD with lr 1: Δθ = -(preconditioned gradient), and the pairing is the K-FAC one, not the swapped one.
-    assert_update(updates(before, lora_params(model)), scaled(natural_gradient(ref), -1.0), before,
-                  wrong=scaled(natural_gradient(ref, swap=True), -1.0))
+    assert_update(updates(before, lora_params(model)), scaled(natural_gradient(model, ref), -1.0), before,
+                  wrong=scaled(natural_gradient(model, ref, swap=True), -1.0))
     # With max_grad_norm=0 the Trainer logs the norm of what it applied: the natural gradient's.
-    ng_norm = global_norm(natural_gradient(ref).values())
+    ng_norm = global_norm(natural_gradient(model, ref).values())
     assert trainer.state.log_history[0]["grad_norm"] == pytest.approx(ng_norm, rel=1e-4)
     assert ng_norm > 10 * global_norm([r[k] for r in ref.values() for k in ("gA", "gB")])
 
@@ -263,13 +229,13 @@ def test_sft_trainer_with_callback_sgd_step_is_the_natural_gradient(tmp_path):
     # TRL keeps a pre-tokenized dataset as is (no re-tokenization, same rows in the same order).
     assert [trainer.train_dataset[i]["input_ids"] for i in range(4)] == [e["input_ids"] for e in examples]
     assert [trainer.train_dataset[i]["labels"] for i in range(4)] == [e["labels"] for e in examples]
-    callback = GritCallback(manager).install(trainer)
+    GritCallback(manager).install(trainer)
     trainer.train()
 
-    assert callback.preconditioned_steps == 1
-    assert_update(updates(before, lora_params(model)), scaled(natural_gradient(ref), -1.0), before,
-                  wrong=scaled(natural_gradient(ref, swap=True), -1.0))
-    assert trainer.state.log_history[0]["grit/preconditioned_steps_callback"] == 1.0
+    assert manager.preconditioned_steps == 1 and manager.optimizer_steps == 1
+    assert_update(updates(before, lora_params(model)), scaled(natural_gradient(model, ref), -1.0), before,
+                  wrong=scaled(natural_gradient(model, ref, swap=True), -1.0))
+    assert trainer.state.log_history[0]["grit/preconditioned_steps"] == 1.0
 
 
 @pytest.mark.parametrize("path", ["trainer", "callback", "optimizer"])
@@ -282,15 +248,52 @@ def test_clipping_bounds_the_natural_gradient_step(tmp_path, path):
     examples = random_examples(4, seed=1)
     before = lora_params(model)
     ref = reference_step(model, first_step_batches(examples))
-    ng = natural_gradient(ref)
+    ng = natural_gradient(model, ref)
     manager = GRITManager(model, grit_config())
     trainer = make_trainer(path, model, train_args(tmp_path, max_grad_norm=c, learning_rate=lr), examples, manager)
     trainer.train()
 
-    assert preconditioned_count(trainer, manager) == 1
+    assert manager.preconditioned_steps == 1 and manager.optimizer_steps == 1
     delta = updates(before, lora_params(model))
     assert global_norm(delta.values()) <= lr * c * (1 + 1e-5)
     assert_update(delta, scaled(ng, -lr * c / global_norm(ng.values())), before)
+
+
+def test_grit_optimizer_is_a_step_hook_on_the_users_optimizer_and_can_be_removed():
+    """A hand-written loop. GritOptimizer returns the SGD it was given, whose step is then the natural
+    gradient (lr 1: Δθ = -(G+λI)⁻¹∇A, -∇B(U+λI)⁻¹); after ``opt.grit_hook.remove()`` the same SGD steps
+    with the raw gradient and the manager no longer steps."""
+    model = tiny_model(0)
+    examples = random_examples(8, seed=1)
+    first = first_step_batches(examples[:4])
+    before = lora_params(model)
+    ref = reference_step(model, first)
+    manager = GRITManager(model, grit_config())
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    opt = GritOptimizer(sgd, manager)
+    assert opt is sgd and type(opt) is torch.optim.SGD
+
+    backward_step(model, first)
+    opt.step()
+    opt.zero_grad()
+    assert manager.optimizer_steps == 1 and manager.preconditioned_steps == 1
+    assert_update(updates(before, lora_params(model)), scaled(natural_gradient(model, ref), -1.0), before,
+                  wrong=scaled(natural_gradient(model, ref, swap=True), -1.0))
+
+    opt.grit_hook.remove()
+    assert not hasattr(opt, "grit_hook")
+    manager.close()  # its statistics hooks would see the reference's forwards (reference_step refuses them)
+    second = first_step_batches(examples[4:])
+    before = lora_params(model)
+    ref = reference_step(model, second)
+    backward_step(model, second)
+    opt.step()
+    raw = {}
+    for name, r in ref.items():
+        raw[f"{name}.lora_A"], raw[f"{name}.lora_B"] = -r["gA"], -r["gB"]
+    assert_update(updates(before, lora_params(model)), raw, before,
+                  wrong=scaled(natural_gradient(model, ref), -1.0))
+    assert manager.optimizer_steps == 1
 
 
 def test_grafting_keeps_lora_B_alive_under_the_global_clip(tmp_path):
@@ -300,7 +303,7 @@ def test_grafting_keeps_lora_B_alive_under_the_global_clip(tmp_path):
     c, lr = 0.05, 0.5
     examples = random_examples(4, seed=1)
     model = tiny_model(0)
-    for name, layer in lora_layers(model):  # B = 0 would make G = 0; a small B is where GRIT starts after step 1
+    for name, layer in lora_pairs(model):  # B = 0 would make G = 0; a small B is where GRIT starts after step 1
         w = layer.lora_B["default"].weight
         w.data.copy_(1e-3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(len(name))))
     before = lora_params(model)
@@ -315,9 +318,9 @@ def test_grafting_keeps_lora_B_alive_under_the_global_clip(tmp_path):
                      examples, manager).train()
         assert manager.preconditioned_steps == 1
         steps[grafting] = updates(before, lora_params(m))
-    grafted = natural_gradient(ref, grafting=True)
+    grafted = natural_gradient(model, ref, grafting=True)
     assert_update(steps[True], scaled(grafted, -lr * c / raw_norm), before,
-                  wrong=scaled(natural_gradient(ref, swap=True, grafting=True), -lr * c / raw_norm))
+                  wrong=scaled(natural_gradient(model, ref, swap=True, grafting=True), -lr * c / raw_norm))
 
     def b_share(delta):
         return global_norm([v for k, v in delta.items() if k.endswith("lora_B")]) / global_norm(delta.values())
@@ -355,10 +358,54 @@ def test_preconditioned_steps_follow_the_schedule(tmp_path, case):
                                                          max_grad_norm=1.0), examples, manager)
     trainer.train()
 
-    logged = [h["grit/preconditioned_steps_trainer"] for h in trainer.state.log_history if "loss" in h]
+    logged = [h["grit/preconditioned_steps"] for h in trainer.state.log_history if "loss" in h]
     assert logged == [float(sum(expected[:n])) for n in range(1, steps + 1)]
-    assert trainer.grit_preconditioned_steps == manager.preconditioned_steps == sum(expected)
+    assert manager.preconditioned_steps == sum(expected)
     assert manager.optimizer_steps == steps
+
+
+@pytest.mark.parametrize("path", ["trainer", "callback"])
+def test_a_schedule_that_cannot_precondition_is_refused_before_the_first_step(tmp_path, path):
+    """The published default kfac_update_freq=50 in a 12-step run would precondition nothing: refused before step 1
+    (no parameter moves); so is a warm-up as long as the run. precondition=False (a control) is not refused."""
+    examples = random_examples(48, seed=7)
+    args = dict(max_steps=12, learning_rate=1e-2, max_grad_norm=1.0)
+    for overrides, match in (({"kfac_update_freq": 50}, "first factor update is at step 50 .*max_steps=12"),
+                             ({"kfac_update_freq": 4, "ng_warmup_steps": 12}, r"warm-up \(ng_warmup_steps=12\)")):
+        model = tiny_model(0)
+        before = all_params(model)
+        manager = GRITManager(model, grit_config(**overrides))
+        trainer = make_trainer(path, model, train_args(tmp_path / str(len(overrides)), **args), examples, manager)
+        with pytest.raises(ValueError, match=match):
+            trainer.train()
+        assert manager.optimizer_steps == 0 and trainer.state.global_step == 0
+        after = all_params(model)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    model = tiny_model(0)
+    manager = GRITManager(model, grit_config(kfac_update_freq=50, precondition=False))
+    make_trainer(path, model, train_args(tmp_path / "control", **args), examples, manager).train()
+    assert manager.optimizer_steps == 12 and manager.preconditioned_steps == 0
+
+
+@pytest.mark.parametrize("path", ["trainer", "callback"])
+def test_a_run_that_preconditioned_nothing_ends_with_an_error(tmp_path, path):
+    """kfac_min_samples never reached: the schedule could precondition (updates at steps 2 and 4 of 4), the data
+    never allows it. The run completes (GritTrainer: after Trainer.train() returned, its final log written;
+    GritCallback: in on_train_end) and then fails, saying why."""
+    examples = random_examples(16, seed=8)
+    model = tiny_model(0)
+    manager = GRITManager(model, grit_config(kfac_update_freq=2, kfac_min_samples=10**9))
+    trainer = make_trainer(path, model, train_args(tmp_path, max_steps=4, learning_rate=1e-2), examples, manager)
+    with pytest.raises(RuntimeError, match="preconditioned 0 of the 4 optimizer steps.*kfac_min_samples=1000000000"):
+        trainer.train()
+    assert trainer.state.global_step == 4 and manager.optimizer_steps == 4 and manager.inversions == 0
+    if path == "trainer":
+        assert "train_loss" in trainer.state.log_history[-1]  # raised after training had finished
+    # The same run with samples enough: no error.
+    model = tiny_model(0)
+    manager = GRITManager(model, grit_config(kfac_update_freq=2, kfac_min_samples=1))
+    make_trainer(path, model, train_args(tmp_path / "ok", max_steps=4, learning_rate=1e-2), examples, manager).train()
+    assert manager.preconditioned_steps == 3
 
 
 def test_precondition_off_is_bit_identical_to_control(tmp_path):
@@ -376,7 +423,7 @@ def test_precondition_off_is_bit_identical_to_control(tmp_path):
     a, b = all_params(control), all_params(model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], lora_params(tiny_model(0))[k]) for k in lora_params(model))  # it trained
-    assert trainer.grit_preconditioned_steps == 0 and manager.optimizer_steps == 3
+    assert manager.preconditioned_steps == 0 and manager.optimizer_steps == 3
     # The manager really was attached: its statistics saw every non-padding token of the 12 examples (one epoch).
     assert manager.metrics()["grit/stat_tokens"] == _tokens(examples) > 0
 
@@ -414,17 +461,45 @@ def test_metrics_reach_tensorboard_and_loss_is_the_task_loss(tmp_path, path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3
     for h in logs:
-        assert h[f"grit/preconditioned_steps_{path}"] == h["grit/preconditioned_steps"] == h["step"]
+        assert h["grit/preconditioned_steps"] == h["grit/optimizer_steps"] == h["step"]
         assert h["grit/reg_kfac"] > 0 and h["grit/reg_reproj"] >= 0 and math.isfinite(h["grit/ng_grad_norm"])
     # Same first forward, so the same loss: the regularizers act on .grad and never enter the reported loss.
     first_control = next(h["loss"] for h in control.state.log_history if "loss" in h)
     assert logs[0]["loss"] == first_control
     scalars = _tensorboard_scalars(tmp_path / "g")  # the TensorBoard callback writes under output_dir/runs/
-    for tag in ("train/loss", "train/grit/preconditioned_steps", f"train/grit/preconditioned_steps_{path}",
-                "train/grit/reg_kfac", "train/grit/cond_max", "train/grit/damping"):
+    for tag in ("train/loss", "train/grit/preconditioned_steps", "train/grit/reg_kfac", "train/grit/cond_max",
+                "train/grit/damping"):
         assert [s for s, _ in scalars[tag]] == [1, 2, 3], tag
     assert scalars["train/loss"][0][1] == pytest.approx(first_control, rel=1e-6)
     assert [v for _, v in scalars["train/grit/preconditioned_steps"]] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("path", ["trainer", "callback"])
+def test_metrics_every_logs_device_metrics_every_nth_log_step_and_at_the_last(tmp_path, path):
+    """metrics_every=2 over 5 logged steps: manager.metrics() at log steps 2, 4 and the last (5), the host-side
+    manager.counters() alone at 1 and 3, and the counters are right at every one."""
+    examples = random_examples(20, seed=4)
+    model = tiny_model(0)
+    manager = GRITManager(model, grit_config(kfac_update_freq=2))  # inversions at 2, 4; preconditioned from 2
+    args = train_args(tmp_path, max_steps=5, optim="adamw_torch", learning_rate=1e-2, max_grad_norm=1.0)
+    if path == "trainer":
+        trainer = GritTrainer(model=model, args=args, train_dataset=examples, data_collator=COLLATE,
+                              grit_manager=manager, grit_metrics_every=2)
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=COLLATE)
+        GritCallback(manager, metrics_every=2).install(trainer)
+    trainer.train()
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2, 3, 4, 5]
+    counters, full = set(manager.counters()), set(manager.metrics())
+    assert counters < full and "grit/cond_max" in full
+    for h in logs:
+        n = h["step"]
+        assert {k for k in h if k.startswith("grit/")} == (full if n in (2, 4, 5) else counters), n
+        assert (h["grit/optimizer_steps"], h["grit/inversions"], h["grit/preconditioned_steps"]) == \
+            (n, n // 2, max(0, n - 1)), n
+    assert manager.metrics()["grit/cond_max"] == logs[-1]["grit/cond_max"]  # the last step's are the final ones
 
 
 # ----------------------------------------------------------------------------- checkpoints and failures
@@ -513,7 +588,7 @@ def test_study_4bit_model_trains_with_preconditioning(tmp_path):
     model = load_peft_model(preset)
     tok = load_tokenizer(preset.model_id)
     data = build_study_data(tok, source="synthetic", template=preset.template, max_seq_length=preset.max_seq_length,
-                            val_size=4, num_examples=16, seed=0)
+                            val_size=4, num_examples=16, data_seed=0)
     manager = GRITManager(model, GRITConfig(lora_rank=preset.lora_r, kfac_update_freq=1, kfac_min_samples=0))
     assert len(manager.lora_modules) == 2 * 7 and all(isinstance(m, Linear4bit) for m in manager.lora_modules)
     before = lora_params(model)
@@ -522,7 +597,7 @@ def test_study_4bit_model_trains_with_preconditioning(tmp_path):
                           data_collator=PadCollator(pad_token_id=tok.pad_token_id), grit_manager=manager)
     trainer.train()
 
-    assert trainer.grit_preconditioned_steps == 3 == manager.preconditioned_steps
+    assert manager.preconditioned_steps == 3 == manager.optimizer_steps
     after = lora_params(model)
     assert all(torch.isfinite(p).all() for p in after.values())
     assert all(not torch.equal(before[k], after[k]) for k in before if "lora_A" in k)
@@ -534,21 +609,34 @@ def test_study_4bit_model_trains_with_preconditioning(tmp_path):
 def test_glue_rejects_bad_arguments(tmp_path):
     model = tiny_model(0)
     manager = GRITManager(model, grit_config())
+
+    def sgd():
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+
     with pytest.raises(ValueError, match="grit_manager"):
         GritTrainer(model=model, args=train_args(tmp_path), train_dataset=random_examples(4), data_collator=COLLATE)
-    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     with pytest.raises(ValueError, match="max_grad_norm"):
-        GritOptimizer(sgd, manager, max_grad_norm=-1.0)
+        GritOptimizer(sgd(), manager, max_grad_norm=-1.0)
     with pytest.raises(ValueError, match="max_grad_norm"):
         GritCallback(manager, max_grad_norm=float("nan"))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="metrics_every"):
+            GritCallback(manager, metrics_every=bad)
+        with pytest.raises(ValueError, match="metrics_every"):
+            GritTrainer(model=model, args=train_args(tmp_path), train_dataset=random_examples(4),
+                        data_collator=COLLATE, grit_manager=manager, grit_metrics_every=bad)
     with pytest.raises(ValueError, match="closure"):
-        GritOptimizer(sgd, manager).step(closure=lambda: 0.0)
+        GritOptimizer(sgd(), manager).step(closure=lambda: 0.0)
+    assert manager.optimizer_steps == 0  # refused before the manager stepped
     with pytest.raises(TypeError):
         GritOptimizer(object(), manager)
+    twice = GritOptimizer(sgd(), manager)
+    with pytest.raises(ValueError, match="already runs GRIT"):
+        GritOptimizer(twice, manager)
     # Two glue paths on one trainer would precondition twice per step.
-    with pytest.raises(ValueError, match="GritOptimizer"):
+    with pytest.raises(ValueError, match="not a GritOptimizer"):
         GritTrainer(model=model, args=train_args(tmp_path), train_dataset=random_examples(4), data_collator=COLLATE,
-                    grit_manager=manager, optimizers=(GritOptimizer(sgd, manager), None))
+                    grit_manager=manager, optimizers=(GritOptimizer(sgd(), manager), None))
     trainer = GritTrainer(model=model, args=train_args(tmp_path), train_dataset=random_examples(4),
                           data_collator=COLLATE, grit_manager=manager)
     with pytest.raises(ValueError, match="GritCallback"):
@@ -564,7 +652,7 @@ def test_grit_trainer_fp16_step_is_the_natural_gradient(tmp_path):
     examples = random_examples(4, seed=1)
     before = lora_params(model)
     batches = [{k: v.to(device) for k, v in b.items()} for b in first_step_batches(examples)]
-    ref = {n: {k: v.cpu() for k, v in r.items()} for n, r in reference_step(model, batches).items()}
+    ref = reference_step(model, batches)
     manager = GRITManager(model, grit_config())
     args = train_args(tmp_path, fp16=True, use_cpu=device == "cpu")
     trainer = make_trainer("trainer", model, args, examples, manager)
@@ -575,15 +663,15 @@ def test_grit_trainer_fp16_step_is_the_natural_gradient(tmp_path):
         assert scaler is None and manager._scaler is None
     trainer.train()
 
-    assert trainer.grit_preconditioned_steps == 1
+    assert manager.preconditioned_steps == 1
     if scaler is not None:
         assert scaler.get_scale() >= 2.0**15  # the loss really was scaled, and no overflow skipped the step
     for name, r in ref.items():
         f = manager.factors()[name]
         assert rel_err(f["G"], r["G"]) < 2e-2 and rel_err(f["U"], r["U"]) < 2e-2, name
     actual = {k: v.cpu() for k, v in updates(before, lora_params(model)).items()}
-    expected = scaled(natural_gradient(ref), -1.0)
-    wrong = scaled(natural_gradient(ref, swap=True), -1.0)
+    expected = scaled(natural_gradient(model, ref), -1.0)
+    wrong = scaled(natural_gradient(model, ref, swap=True), -1.0)
     for k in expected:
         assert rel_err(actual[k], expected[k]) < 2e-2, k
     assert max(rel_err(wrong[k], expected[k]) for k in expected) > 0.1

@@ -12,20 +12,36 @@ What transformers 5.17 really does per optimizer step (``Trainer._run_epoch``), 
     _get_grad_norm (always called)             <- with max_grad_norm == 0 there is no clip call:
                                                   GritTrainer runs manager.step() here instead
     callback on_pre_optimizer_step             <- GritCallback runs manager.step() here and re-clips
-    optimizer.step()                           <- GritOptimizer runs manager.step() here and re-clips
+    optimizer.step()                           <- GritOptimizer's step pre-hook runs manager.step() here
+                                                  and re-clips (grit.integrations.optimizer)
 
 ``create_optimizer_and_scheduler`` and an ``optimizer_step`` method are never called by that loop,
-which is how the published GRIT code ended up preconditioning nothing; each path here counts the
-optimizer steps it preconditioned, and the tests count them in real ``Trainer.train()`` runs.
+which is how the published GRIT code ended up preconditioning nothing; the manager counts the
+steps it preconditioned (``manager.preconditioned_steps``, logged as ``grit/preconditioned_steps``),
+and the tests count them in real ``Trainer.train()`` runs. A second path calling ``manager.step()``
+in the same run is refused where it can be seen (GritTrainer with a GritCallback or a GritOptimizer)
+and warned about where it cannot (the manager's step count then runs ahead of the Trainer's).
 
-Logging: ``manager.metrics()`` ("grit/..." scalars) are merged into the logs dict of every
-training log step, before the reporting callbacks see it; TensorBoard's callback prefixes every
-training key with ``train/``, so they land as ``train/grit/...`` next to ``train/loss``. The
-regularizers act on ``.grad`` inside ``manager.step()`` and are never added to the loss, so
-``loss`` / ``train/loss`` is the task loss alone.
+Logging: the "grit/..." scalars are merged into the logs dict of every training log step, before
+the reporting callbacks see it; TensorBoard's callback prefixes every training key with ``train/``,
+so they land as ``train/grit/...`` next to ``train/loss``. With ``GritTrainer(grit_metrics_every=N)``
+or ``GritCallback(metrics_every=N)``, every N-th training log step and the log step of the last
+training step get ``manager.metrics()`` (device values: one device-to-host copy); the other log
+steps get only ``manager.counters()`` (host ints, no device read). The default N = 1 logs
+everything at every log step, as before; N > 1 saves the device read where ``logging_steps=1``
+would otherwise pay it at every step. The regularizers act on
+``.grad`` inside ``manager.step()`` and are never added to the loss, so ``loss`` / ``train/loss`` is
+the task loss alone.
 
 Checkpoints: ``manager.state_dict()`` is written as ``grit_state.pt`` in every checkpoint folder
 and loaded back by ``trainer.train(resume_from_checkpoint=...)``.
+
+Nothing silently: with preconditioning on, both refuse (ValueError, before the first step) a schedule
+that cannot precondition any step of the run (first factor update at ``kfac_update_freq`` or warm-up
+end after ``max_steps``), and end a run that preconditioned 0 steps anyway (``kfac_min_samples`` never
+reached) with a RuntimeError saying why: GritTrainer right after ``Trainer.train()`` returns,
+GritCallback in ``on_train_end``. The manager itself refuses LoRA gradients without statistics (a
+fused LoRA kernel) at the first factor update (``grit.manager``).
 
 fp16 (T4-class GPUs without bf16): GritTrainer hands the accelerator's GradScaler to the manager
 (``attach_grad_scaler``), which divides the loss scale out of the statistics and runs before the
@@ -40,7 +56,7 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
-from grit.optim import GritOptimizer, _check_max_grad_norm, clip_after_preconditioning
+from .optimizer import check_max_grad_norm, clip_after_preconditioning, has_grit_hook
 
 __all__ = ["GRIT_STATE_NAME", "GritCallback", "GritTrainer", "load_grit_state", "save_grit_state"]
 
@@ -74,22 +90,79 @@ def load_grit_state(manager, checkpoint_dir: str, device: torch.device | str = "
     manager.load_state_dict(torch.load(path, map_location=device, weights_only=True))
 
 
-def _merge_metrics(manager, logs: dict, path: str, preconditioned_steps: int) -> dict:
-    """The "grit/..." scalars for one training log step: the manager's, plus the count of this glue path.
+def _check_metrics_every(metrics_every: int, who: str) -> None:
+    if isinstance(metrics_every, bool) or not isinstance(metrics_every, int) or metrics_every < 1:
+        raise ValueError(f"{who}: metrics_every must be an int >= 1 (1 = all GRIT metrics at every log step), "
+                         f"got {metrics_every!r}")
 
-    ``grit/preconditioned_steps`` is the manager's count; ``grit/preconditioned_steps_<path>`` counts the
-    optimizer steps this path saw preconditioned. They differ only if something else also calls
-    ``manager.step()`` (a second glue path would precondition twice).
-    """
-    metrics = {k if k.startswith("grit/") else f"grit/{k}": float(v) for k, v in manager.metrics().items()}
-    metrics[f"grit/preconditioned_steps_{path}"] = float(preconditioned_steps)
-    logs.update(metrics)
-    return metrics
+
+class _MetricsLog:
+    """Which training log steps carry ``manager.metrics()`` (the rest carry ``manager.counters()``)."""
+
+    def __init__(self, manager, every: int):
+        self.manager, self.every, self.logged = manager, every, 0
+
+    def merge(self, logs: dict, state) -> dict:
+        """Add this log step's "grit/..." scalars to ``logs``; returns them."""
+        self.logged += 1
+        last = state.max_steps > 0 and state.global_step >= state.max_steps
+        full = self.logged % self.every == 0 or last
+        metrics = self.manager.metrics() if full else self.manager.counters()
+        metrics = {k if k.startswith("grit/") else f"grit/{k}": float(v) for k, v in metrics.items()}
+        logs.update(metrics)
+        return metrics
 
 
 def _is_training_log(logs: dict) -> bool:
     # Training log steps carry "loss"; evaluation logs carry "eval_*" and the final summary "train_loss".
     return "loss" in logs and not any(k.startswith(("eval_", "test_")) for k in logs)
+
+
+def _refuse_schedule_that_cannot_precondition(manager, state, who: str) -> None:
+    """Before the first step: with preconditioning on, refuse a run whose schedule preconditions no step.
+
+    The manager counts its own steps (it may carry over from a resumed or earlier run): this run ends at
+    its step ``optimizer_steps + max_steps - global_step``. Before the first inversion the first step that
+    can be preconditioned is the first factor update (a multiple of kfac_update_freq), and never one
+    inside the warm-up.
+    """
+    cfg = manager.config
+    if not cfg.precondition or state.max_steps <= 0:
+        return
+    done = manager.optimizer_steps
+    last = done + state.max_steps - state.global_step
+    freq = cfg.kfac_update_freq
+    first_update = done + 1 if manager.ready else (done // freq + 1) * freq
+    first = max(first_update, cfg.ng_warmup_steps + 1)
+    if first <= last:
+        return
+    why = (f"the first factor update is at step {first_update} (kfac_update_freq={freq})" if first_update > last
+           else f"the warm-up (ng_warmup_steps={cfg.ng_warmup_steps}) lasts the whole run")
+    raise ValueError(
+        f"{who}: preconditioning is on but this run cannot precondition a single step: {why}, and the run ends at "
+        f"step {last} (max_steps={state.max_steps}). It would train exactly as its control. Set "
+        f"kfac_update_freq <= {last - done} and ng_warmup_steps < {last}, train for more steps, or use "
+        "GRITConfig(precondition=False) for a control run.")
+
+
+def _refuse_run_that_preconditioned_nothing(manager, start: tuple | None, who: str) -> None:
+    """After training: with preconditioning on, a run that stepped but preconditioned nothing is an error."""
+    if start is None or not manager.config.precondition:
+        return
+    steps = manager.optimizer_steps - start[0]
+    if steps <= 0 or manager.preconditioned_steps > start[1]:
+        return
+    cfg = manager.config
+    if not manager.ready:
+        tokens = manager.metrics()["grit/stat_tokens"]
+        why = (f"the factors were never inverted: no factor update (every kfac_update_freq={cfg.kfac_update_freq} "
+               f"steps) had the kfac_min_samples={cfg.kfac_min_samples} statistics tokens it needs ({tokens:.0f} "
+               "were seen in all); lower kfac_min_samples or kfac_update_freq, or train longer")
+    else:
+        why = f"the warm-up (ng_warmup_steps={cfg.ng_warmup_steps}) covered every step; lower it"
+    raise RuntimeError(
+        f"{who}: preconditioning was on but GRIT preconditioned 0 of the {steps} optimizer steps of this run, so "
+        f"the model was trained exactly as its control would be: {why}.")
 
 
 class GritTrainer(Trainer):
@@ -103,18 +176,27 @@ class GritTrainer(Trainer):
 
     Args:
         grit_manager: the ``GRITManager`` built on ``model`` (keyword only, as in the seed notebook).
+        grit_metrics_every: log ``manager.metrics()`` at every this-many-th training log step and at the
+            last step, ``manager.counters()`` at the others (module docstring); 1 (default): at every one.
         everything else: as ``transformers.Trainer``.
 
-    ``self.grit_preconditioned_steps`` counts the optimizer steps this trainer preconditioned.
+    The preconditioned-step count is the manager's: ``grit_manager.preconditioned_steps``.
+
+    Nothing silently: with preconditioning on, ``train()`` raises ``ValueError`` before the first step if
+    the schedule cannot precondition any step of the run (the first factor update, ``kfac_update_freq``,
+    or the end of the warm-up comes after ``max_steps``), and ``RuntimeError`` right after training (when
+    ``Trainer.train()`` has returned: every callback, checkpoint and log is written) if the run
+    preconditioned 0 steps anyway (e.g. ``kfac_min_samples`` never reached).
     """
 
-    def __init__(self, *args, grit_manager=None, **kwargs):
+    def __init__(self, *args, grit_manager=None, grit_metrics_every: int = 1, **kwargs):
         if grit_manager is None:
             raise ValueError("GritTrainer needs grit_manager=GRITManager(model, config); without it use a plain "
                              "Trainer (the control arm)")
+        _check_metrics_every(grit_metrics_every, "GritTrainer")
         # A second glue path on the same trainer would call manager.step() twice per optimizer step.
         optimizer = (kwargs.get("optimizers") or (None, None))[0]
-        if isinstance(optimizer, GritOptimizer):
+        if optimizer is not None and has_grit_hook(optimizer):
             raise ValueError("GritTrainer preconditions by itself: pass the plain optimizer, not a GritOptimizer")
         if any(isinstance(cb, GritCallback) for cb in kwargs.get("callbacks") or []):
             raise ValueError("GritTrainer preconditions by itself: do not also pass a GritCallback")
@@ -130,9 +212,16 @@ class GritTrainer(Trainer):
             if scaler is not None:
                 grit_manager.attach_grad_scaler(scaler)
         self.grit_manager = grit_manager
-        self.grit_preconditioned_steps = 0
+        self._grit_metrics = _MetricsLog(grit_manager, grit_metrics_every)
         self._grit_pending = False
+        self._grit_run_start = None  # (manager steps, preconditioned steps) when this train() began
         self.add_callback(_GritTrainerGuard(self))
+
+    def train(self, *args, **kwargs):
+        self._grit_run_start = None
+        output = super().train(*args, **kwargs)
+        _refuse_run_that_preconditioned_nothing(self.grit_manager, self._grit_run_start, "GritTrainer")
+        return output
 
     # -- where the natural gradient happens ------------------------------------------------------
     def _grit_precondition(self) -> bool:
@@ -140,8 +229,7 @@ class GritTrainer(Trainer):
         if not self._grit_pending:
             return False
         self._grit_pending = False
-        if self.grit_manager.step():
-            self.grit_preconditioned_steps += 1
+        self.grit_manager.step()
         return True
 
     def _clip_grad_norm(self, model):
@@ -155,7 +243,7 @@ class GritTrainer(Trainer):
     # -- logging -------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if _is_training_log(logs):
-            _merge_metrics(self.grit_manager, logs, "trainer", self.grit_preconditioned_steps)
+            self._grit_metrics.merge(logs, self.state)
         super().log(logs, start_time)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -188,6 +276,12 @@ class _GritTrainerGuard(TrainerCallback):
     def __init__(self, trainer: GritTrainer):
         self.trainer = trainer
         self._warned = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run's GRIT state was loaded before this (Trainer._load_optimizer_and_scheduler).
+        manager = self.trainer.grit_manager
+        _refuse_schedule_that_cannot_precondition(manager, state, "GritTrainer")
+        self.trainer._grit_run_start = (manager.optimizer_steps, manager.preconditioned_steps)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer._grit_pending = True
@@ -229,15 +323,25 @@ class GritCallback(TrainerCallback):
     ``args.resume_from_checkpoint`` if set, else ``output_dir/checkpoint-<global_step>``; call
     ``resume_from(path)`` before ``train()`` for a checkpoint elsewhere.
 
-    ``self.preconditioned_steps`` counts the optimizer steps this callback preconditioned.
+    ``metrics_every``: as GritTrainer's ``grit_metrics_every``. The preconditioned-step count is the
+    manager's: ``manager.preconditioned_steps``.
+
+    Nothing silently: with preconditioning on, ``on_train_begin`` raises ``ValueError`` (so ``train()`` stops
+    before the first step) if the schedule cannot precondition any step of the run, and ``on_train_end``
+    raises ``RuntimeError`` if the run preconditioned 0 steps anyway (e.g. ``kfac_min_samples`` never
+    reached). A callback cannot act after ``train()`` returns, so that error comes from inside it: the
+    training loop, its checkpoints and logs are done, but callbacks after this one (``install`` puts it
+    first) do not get ``on_train_end``.
     """
 
-    def __init__(self, manager, max_grad_norm: float | None = None):
-        _check_max_grad_norm(max_grad_norm, "GritCallback")
+    def __init__(self, manager, max_grad_norm: float | None = None, metrics_every: int = 1):
+        check_max_grad_norm(max_grad_norm, "GritCallback")
+        _check_metrics_every(metrics_every, "GritCallback")
         self.manager = manager
         self.max_grad_norm = max_grad_norm
-        self.preconditioned_steps = 0
+        self._metrics = _MetricsLog(manager, metrics_every)
         self._resume_dir: str | None = None
+        self._run_start = None  # (manager steps, preconditioned steps) at on_train_begin
 
     def install(self, trainer: Trainer) -> "GritCallback":
         """Put this callback first in ``trainer``'s callback list (moving it if it is already there)."""
@@ -260,18 +364,22 @@ class GritCallback(TrainerCallback):
             raise ValueError("GritCallback does not support fp16 loss scaling; use GritTrainer (which does), "
                              "or bf16=True / fp32")
         resuming = state.global_step > 0 and self.manager.optimizer_steps != state.global_step
-        if self._resume_dir is None and not resuming:
-            return
-        path = self._resume_dir
-        if path is None:
-            explicit = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
-            path = explicit or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        load_grit_state(self.manager, path, _model_device(model) if model is not None else "cpu")
-        self._resume_dir = None
+        if self._resume_dir is not None or resuming:
+            path = self._resume_dir
+            if path is None:
+                explicit = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
+                path = explicit or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            load_grit_state(self.manager, path, _model_device(model) if model is not None else "cpu")
+            self._resume_dir = None
+        _refuse_schedule_that_cannot_precondition(self.manager, state, "GritCallback")
+        self._run_start = (self.manager.optimizer_steps, self.manager.preconditioned_steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        start, self._run_start = self._run_start, None
+        _refuse_run_that_preconditioned_nothing(self.manager, start, "GritCallback")
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.manager.step():
-            self.preconditioned_steps += 1
+        self.manager.step()
         # The Trainer already clipped the raw gradient; bound the preconditioned one again.
         max_norm = args.max_grad_norm if self.max_grad_norm is None else self.max_grad_norm
         clip_after_preconditioning(model.parameters(), max_norm)
@@ -282,7 +390,7 @@ class GritCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not _is_training_log(logs):
             return
-        metrics = _merge_metrics(self.manager, logs, "callback", self.preconditioned_steps)
+        metrics = self._metrics.merge(logs, state)
         # Trainer.log appended a copy of logs to log_history before calling on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)

@@ -33,6 +33,7 @@ Scale: with a loss that averages N tokens, ĝ carries a factor 1/N, so G is the 
 Fisher factor divided by N² (curvlinops multiplies that back; we keep G as the backpropagated loss
 defines it). Scaling a factor by c scales its relatively-damped inverse by 1/c: the preconditioned
 direction is unchanged, its magnitude is not (Adam normalises it, gradient clipping bounds it).
+The curvature regularizer therefore sees the G-side factor at mean eigenvalue 1 (``grit.regularizers``).
 
 In both cases we call F_A the factor applied to ∇A from the left and F_B the factor applied to
 ∇B from the right; regularizers and projectors are built from the same F_A, F_B. Shapes below:
