@@ -29,7 +29,7 @@ export PYTHONUNBUFFERED := 1
 # `stage NAME COMMAND`: run a stage and print how long it took (CI reads these lines).
 stage = start=$$(date +%s); $(2); rc=$$?; echo "[stage] $(1): $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
 
-.PHONY: study test install unit notebooks runtime ablations clean
+.PHONY: study test install unit notebooks runtime ablations sweep clean
 
 $(STAMP): requirements.txt requirements-test.txt constraints-cpu.txt pyproject.toml
 	@$(call stage,install,\
@@ -73,6 +73,12 @@ study: $(STAMP)
 
 ablations: $(STAMP)
 	@$(call stage,ablations,$(PY) -m grit.study.main ablations --logdir $(LOGDIR) --notebook-dir $(NB_OUT))
+
+# The verdict protocol in tiers (grit/study/sweep.py): resumable, skips finished runs. `make sweep --dry-run`
+# (make's own -n) still runs this recipe (the leading +) and passes --dry-run on: the plan, nothing trained.
+SWEEP_DRY := $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run,)
+sweep: $(STAMP)
+	+@$(call stage,sweep,$(PY) -m grit.study.sweep --logdir $(LOGDIR)/sweep $(SWEEP_DRY) $(SWEEP_ARGS))
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -9,7 +9,7 @@ import pytest
 
 
 def _write_run(logdir, name, *, arm, train_fp="t1", val_fp="v1", losses=(2.0, 1.5, 1.0), hashes=None,
-               loss_on_padding=False, departs_from=None, stack="hf+peft"):
+               loss_on_padding=False, departs_from=None, stack="hf+peft", lr=2e-4, seed=3407, max_steps=None):
     from torch.utils.tensorboard import SummaryWriter
 
     run = logdir / name
@@ -32,7 +32,7 @@ def _write_run(logdir, name, *, arm, train_fp="t1", val_fp="v1", losses=(2.0, 1.
         "base_exact_match": 0.0, "batch_hashes": hashes or ["a", "b", "c"][:len(losses)],
         "loss_on_padding": loss_on_padding, "departs_from": departs_from,
         "preset_fields": {"max_seq_length": 96, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
-                          "learning_rate": 2e-4, "seed": 3407, "max_steps": len(losses)},
+                          "learning_rate": lr, "seed": seed, "max_steps": max_steps or len(losses)},
         "hardware": {"cpu_count": 2, "machine": "x86_64"}, "package_versions": {"torch": "2.13.0"},
     }
     (run / "run_summary.json").write_text(json.dumps(summary))
@@ -87,18 +87,37 @@ def test_refuses_fair_runs_with_different_batches_but_not_the_padding_artifact(t
         check_batch_hashes(load_runs(tmp_path))
 
 
-def test_latest_run_per_arm_and_filters(tmp_path):
+def test_runs_are_keyed_by_arm_rate_seed_and_steps_and_the_newest_of_a_key_wins(tmp_path):
     from grit.study.compare import load_runs
 
-    _write_run(tmp_path, "grit_20260101-000000", arm="grit", losses=(9.0,))
-    _write_run(tmp_path, "grit_20260102-000000", arm="grit", losses=(1.0, 0.5))
-    _write_run(tmp_path, "control_20260101-000000", arm="control")
+    _write_run(tmp_path, "grit_20260101-000000", arm="grit", losses=(9.0, 8.0))
+    _write_run(tmp_path, "grit_20260102-000000", arm="grit", losses=(1.0, 0.5))       # same key, newer
+    _write_run(tmp_path, "grit_20260103-000000", arm="grit", losses=(1.0, 0.7), lr=8e-4)  # another rate
+    _write_run(tmp_path, "control_20260101-000000", arm="control", losses=(1.0, 0.6))
     runs = load_runs(tmp_path)
-    assert [r.arm for r in runs] == ["control", "grit"]
+    assert [(r.arm, r.key[1]) for r in runs] == [("control", 2e-4), ("grit", 2e-4), ("grit", 8e-4)]
     assert runs[1].summary["final_train_loss"] == 0.5
-    assert [r.arm for r in load_runs(tmp_path, max_steps=2)] == ["grit"]
+    assert len(load_runs(tmp_path, latest_per_key=False)) == 4
+    assert [r.arm for r in load_runs(tmp_path, learning_rate=8e-4)] == ["grit"]
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         load_runs(tmp_path, preset="llama3-8b")
+
+
+def test_batch_hashes_are_compared_within_each_seed_and_length(tmp_path):
+    from grit.study.compare import FingerprintMismatch, batch_hash_agreement, check_batch_hashes, load_runs
+
+    _write_run(tmp_path, "control_a", arm="control", hashes=["a", "b", "c"])
+    _write_run(tmp_path, "grit_a", arm="grit", hashes=["a", "b", "c"], lr=8e-4)
+    _write_run(tmp_path, "control_b", arm="control", hashes=["x", "y", "z"], seed=1)  # another order, by design
+    _write_run(tmp_path, "grit_b", arm="grit", hashes=["x", "y", "z"], seed=1)
+    runs = load_runs(tmp_path, recursive=True)
+    check_batch_hashes(runs)
+    agreement = batch_hash_agreement(runs)
+    assert agreement["grit_b"] == {"reference": "control_b", "compared": 3, "equal": 3}
+    assert agreement["grit_a"]["reference"] == "control_a"
+    _write_run(tmp_path, "riemannian_b", arm="riemannian", hashes=["x", "Y", "z"], seed=1)
+    with pytest.raises(FingerprintMismatch, match="riemannian_b.*1 of 3"):
+        check_batch_hashes(load_runs(tmp_path))
 
 
 def test_plots_and_table(tmp_path):

@@ -5,14 +5,12 @@ package's constants), tokenized piece by piece with the real SmolLM2 tokenizer.
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from grit.study.data import (IGNORE_INDEX, DataError, PadCollator, build_study_data, fingerprint, load_rows,
-                             split_indices, tokenize_row)
+                             response_token_count, tokenize_row)
 from grit.study.models import load_tokenizer
 
 ROWS = [
@@ -80,9 +78,10 @@ def test_dropped_examples_are_counted(tok, tmp_path):
     long_row = {"instruction": "word " * 200, "input": "", "output": "ok"}
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [long_row] + ROWS * 4))
-    data = build_study_data(tok, source=str(path), max_seq_length=120, val_size=2, seed=1)
+    data = build_study_data(tok, source=str(path), max_seq_length=120, val_size=2, data_seed=1)
     assert data.dropped_no_response == 1
-    assert len(data.train) + len(data.val) == len(ROWS) * 4
+    # ROWS * 4 repeats each prompt 4 times: the copies of the 2 val prompts leave train, counted.
+    assert len(data.train) + len(data.val) + data.removed_overlap_val == len(ROWS) * 4
 
 
 def test_collator_never_labels_padding_or_prompt(tok):
@@ -119,9 +118,13 @@ def test_sources_json_jsonl_csv_agree(tmp_path):
     lines = ["instruction,input,output"] + [
         ",".join('"' + r[k].replace('"', '""') + '"' for k in ("instruction", "input", "output")) for r in ROWS]
     as_csv = _write(tmp_path, "a.csv", "\n".join(lines) + "\n")
+    ids = set()
     for path in (as_json, as_jsonl, as_csv):
         rows, skipped = load_rows(str(path))
-        assert rows == ROWS and skipped == 0
+        assert [{k: r[k] for k in ("instruction", "input", "output")} for r in rows] == ROWS and skipped == 0
+        assert all(r["family"] is None for r in rows)
+        ids.add(tuple(r["id"] for r in rows))
+    assert len(ids) == 1 and len(set(next(iter(ids)))) == len(ROWS)  # one id per prompt, whatever the format
 
 
 BAD_CASES = [
@@ -150,7 +153,8 @@ def test_bad_rows_skipped_and_counted_on_request(tmp_path, caplog, case, text, m
     path = _write(tmp_path, "data.jsonl", text + '{"instruction": "c", "output": "d"}\n')
     rows, skipped = load_rows(str(path), on_bad_rows="skip")
     assert skipped == 1
-    assert rows == [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "", "output": "d"}]
+    assert [{k: r[k] for k in ("instruction", "input", "output")} for r in rows] == [
+        {"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "", "output": "d"}]
     assert "skipped 1 bad row(s)" in caplog.text
 
 
@@ -170,35 +174,7 @@ def test_bad_rows_in_json_array_and_csv_name_the_row(tmp_path):
 
 # ----------------------------------------------------------------------------- split and fingerprints
 
-FINGERPRINT_SCRIPT = """
-from grit.study.data import build_study_data
-from grit.study.models import load_tokenizer
-d = build_study_data(load_tokenizer("builtin:tiny"), source="synthetic", num_examples=120, val_size=20,
-                     max_seq_length=96, seed=3407)
-print(d.train_fingerprint, d.val_fingerprint, d.val_rows[0]["input"])
-"""
-
-
-@pytest.mark.slow
-def test_split_and_fingerprints_stable_across_processes(tok):
-    here = build_study_data(tok, source="synthetic", num_examples=120, val_size=20, max_seq_length=96, seed=3407)
-    again = build_study_data(tok, source="synthetic", num_examples=120, val_size=20, max_seq_length=96, seed=3407)
-    assert (here.train_fingerprint, here.val_fingerprint) == (again.train_fingerprint, again.val_fingerprint)
-    out = subprocess.run([sys.executable, "-c", FINGERPRINT_SCRIPT], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "PYTHONHASHSEED": "123"})
-    assert out.stdout.split()[:2] == [here.train_fingerprint, here.val_fingerprint]
-    assert len(here.val) == 20 and len(here.train) == 100
-    other_seed = build_study_data(tok, source="synthetic", num_examples=120, val_size=20, max_seq_length=96, seed=1)
-    assert other_seed.val_fingerprint != here.val_fingerprint
-
-
-def test_split_is_a_seeded_partition():
-    train, val = split_indices(50, 10, seed=7)
-    assert sorted(train + val) == list(range(50)) and len(val) == 10
-    assert (train, val) == split_indices(50, 10, seed=7)
-    assert val != split_indices(50, 10, seed=8)[1]
-    with pytest.raises(DataError, match="leaves no training rows"):
-        split_indices(5, 5, seed=0)
+# Split properties (disjoint by prompt, stratified, seeded across processes) are in tests/test_splits.py.
 
 
 def test_fingerprint_changes_with_one_token_or_label(tok):
@@ -215,3 +191,15 @@ def test_fingerprint_changes_with_one_token_or_label(tok):
     moved[1] = {"input_ids": examples[1]["input_ids"][1:], "labels": examples[1]["labels"][1:]}
     assert len({base, fingerprint(one_token), fingerprint(one_label), fingerprint(moved)}) == 4
     assert fingerprint(examples) == base
+
+
+def test_response_token_count_is_shifted_labels_not_ignored(tok):
+    examples = [tokenize_row(r, tok, "alpaca", 512) for r in ROWS]
+    batch = PadCollator(pad_token_id=tok.pad_token_id)(examples)
+    labels = batch["labels"].tolist()
+    # Brute force: a label at position 0 is never predicted (nothing precedes it); -100 is never scored.
+    expected = sum(1 for row in labels for j, lab in enumerate(row) if j > 0 and lab != IGNORE_INDEX)
+    assert response_token_count(batch["labels"]) == expected
+    first_scored = batch["labels"].clone()
+    first_scored[:, 0] = 7  # a label at position 0 still does not count
+    assert response_token_count(first_scored) == expected

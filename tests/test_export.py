@@ -23,11 +23,13 @@ import torch
 
 from grit.study.data import build_study_data, format_prompt, merged_instruction
 from grit.study.export import (ALPACA_CHAT_TEMPLATE, ExportError, deploy_ollama, eval_loss_gguf, eval_loss_hf,
-                               export_gguf, gguf_logits, load_gguf, parse_modelfile, render_go_template)
+                               export_gguf, gguf_logits, load_gguf, parse_modelfile)
 from grit.study.merge import MergeError, merge_lora, read_adapter
+from grit.study.presets import LORA_TARGETS_LLAMA
+from go_template import render_go_template
 from grit.study.models import tiny_dir
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(LORA_TARGETS_LLAMA)
 ROWS = [  # braces, quotes, newlines and an input: the templates must not touch any of them
     {"instruction": "Reverse the order of the words.", "input": "apple river stone", "output": "stone river apple"},
     {"instruction": 'Format as JSON with keys "item" and "color": the {{ x }} is red.', "input": "", "output": "{}"},
@@ -86,7 +88,7 @@ def bases(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data():
-    return build_study_data(_tokenizer(), source="synthetic", num_examples=40, val_size=8, max_seq_length=128, seed=0)
+    return build_study_data(_tokenizer(), source="synthetic", num_examples=40, val_size=8, max_seq_length=128, data_seed=0)
 
 
 def _craft_eos_rules(peft, rules: list[tuple[int, int]], name="study", c=0.5, g=5.0) -> None:

@@ -39,10 +39,10 @@ def study(tmp_path_factory):
         common = dict(PRESET="tiny", MAX_STEPS=STEPS, EVAL_STEPS=2, LOGDIR=str(logdir), OUTPUT_DIR=str(outdir))
         # Both notebooks' export cells run: merge -> GGUF q8_0 -> llama.cpp eval -> Modelfile.
         _execute("01_baseline_qlora_unsloth.ipynb", tmp / "01.ipynb", **common, EXPORT=True)
-        # kfac_update_freq 2: the first inversion at step 2, so steps 2..4 are preconditioned.
-        _execute("02_pure_grit.ipynb", tmp / "02_grit.ipynb", **common, KFAC_UPDATE_FREQ=2, EXPORT=True)
-        _execute("02_pure_grit.ipynb", tmp / "02_control.ipynb", **common, PRECONDITION=False)
-        _execute("03_compare.ipynb", tmp / "03.ipynb", LOGDIR=str(logdir), OUTPUT_DIR=str(tmp / "readme_files"))
+        # The tiny preset's kfac_update_freq is 2: the first inversion at step 2, so steps 2..4 are preconditioned.
+        _execute("02_pure_grit.ipynb", tmp / "02_grit.ipynb", **common, ARM="grit", EXPORT=True)
+        _execute("02_pure_grit.ipynb", tmp / "02_control.ipynb", **common, ARM="control")
+        _execute("03_compare.ipynb", tmp / "03.ipynb", LOGDIR=str(logdir), FIGURES_DIR=str(tmp / "readme_files"))
     finally:
         for k, v in old.items():
             if v is None:

@@ -157,20 +157,50 @@ def test_parameters_explicit_then_environment_then_default(monkeypatch):
         param("PRECONDITION", None, True)
 
 
-def test_arm_names_follow_the_switches():
+def test_every_arm_is_defined_once_and_builds_what_it_says():
     from grit import GRITConfig
-    from grit.study.arms import GritSettings, arm_name
+    from grit.study.arms import grit_config
+    from grit.study.presets import resolve_preset
+    from grit.study.registry import ARMS, PUBLISHED_GRIT, get_arm
 
-    def name(**kw):
-        s = GritSettings(**kw)
-        return arm_name(s, None if s.is_control else GRITConfig(**s.config_kwargs()))
+    preset = resolve_preset("tiny")
+    assert {"baseline", "control", "grit", "grit_published", "control_sgd", "grit_sgd", "riemannian",
+            "loraplus"} <= set(ARMS)
+    # No GRIT object for the arms without GRIT; the rest get GRITConfig's defaults plus their own fields,
+    # and the preset's update frequency (it belongs to the run length).
+    for name in ("control", "control_sgd", "riemannian", "loraplus"):
+        assert grit_config(preset, get_arm(name)) is None
+    grit = grit_config(preset, get_arm("grit"))
+    assert grit.to_dict() == GRITConfig(lora_rank=preset.lora_r, kfac_update_freq=preset.kfac_update_freq).to_dict()
+    published = grit_config(preset, get_arm("grit_published"))
+    assert {k: getattr(published, k) for k in PUBLISHED_GRIT} == PUBLISHED_GRIT
+    assert grit_config(preset, get_arm("grit_sgd")).grafting is True
+    assert get_arm("grit_sgd").optimizer == get_arm("control_sgd").optimizer == "sgd"
+    reg_only = grit_config(preset, get_arm("reg_only"))
+    assert not reg_only.precondition and reg_only.regularized
+    with pytest.raises(ValueError, match="unknown arm"):
+        get_arm("gritt")
 
-    assert name(precondition=False) == "control"
-    assert name() == "grit"
-    assert name(lambda_kfac=0.0, lambda_reproj=0.0) == "ng_only"
-    assert name(precondition=False, lambda_kfac=1e-5) == "reg_only"
-    assert name(pairing="reference") == "reference"
-    assert name(grafting=False) == "grit_no_grafting"
-    assert name(grafting=False, precondition=False, lambda_kfac=1e-5) == "reg_only"  # nothing to graft
-    assert arm_name(GritSettings(), None, loss_on_padding=True) == "padding_artifact"
-    assert arm_name(None) == "baseline"
+
+def test_sgd_arms_get_momentum_and_peers_wrap_the_controls_optimizer(tmp_path):
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from grit.study import arms
+    from grit.study.models import load_peft_model
+    from grit.study.registry import SGD_MOMENTUM, get_arm
+
+    preset = arms.study_preset("tiny")
+    sgd = TrainingArguments(**arms.training_arguments(preset, str(tmp_path), optimizer="sgd"))
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(sgd, None)
+    assert cls is torch.optim.SGD and kwargs["momentum"] == SGD_MOMENTUM
+    args = TrainingArguments(**arms.training_arguments(preset, str(tmp_path)))
+    model = load_peft_model(preset)
+    control_cls, _ = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    for name in ("riemannian", "loraplus"):
+        opt = arms.peer_optimizer(get_arm(name), args, model)
+        assert isinstance(opt, control_cls), name  # PEFT's factory around the control's exact class
+        assert {g["weight_decay"] for g in opt.param_groups if g["params"]} == {preset.weight_decay}
+    plus = arms.peer_optimizer(get_arm("loraplus"), args, model)
+    lrs = {round(g["lr"] / preset.learning_rate, 6) for g in plus.param_groups if g["params"]}
+    assert lrs == {1.0, 16.0}

@@ -17,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .data import PadCollator, StudyData, as_hf_dataset, build_study_data
+from .files import SUMMARY_NAME
+from .registry import SGD_MOMENTUM, ArmSpec, get_arm
 from .models import load_tokenizer, resolve_model_path
 from .presets import Preset, _parse_env, resolve_preset
 
@@ -44,77 +46,18 @@ def param(name: str, value: Any, default: Any, kind: type | None = None) -> Any:
 
 
 def study_preset(name: str | None = None, **overrides: Any) -> Preset:
-    """``resolve_preset`` plus the device fallback every arm shares: no bf16 on this GPU -> fp16."""
-    preset = resolve_preset(name, **overrides)
-    import torch
-
-    if preset.compute_dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        preset = dataclasses.replace(preset, compute_dtype="float16")
-    return preset
+    """``resolve_preset`` for a notebook: the same preset, precision included, for every arm."""
+    return resolve_preset(name, **overrides)
 
 
-@dataclass
-class GritSettings:
-    """The notebook's GRIT parameters; ``None`` leaves a field at ``GRITConfig``'s (published) default."""
-
-    precondition: bool = field(default=True, metadata={"help": "Apply the natural gradient; False with both "
-                                                               "lambdas 0 is the control arm (no manager)."})
-    pairing: str = field(default="kfac", metadata={"help": "'kfac' (ours) or 'reference' (the published pairing)."})
-    lambda_kfac: float | None = field(default=None, metadata={"help": "Curvature regularizer weight (0 = off)."})
-    lambda_reproj: float | None = field(default=None, metadata={"help": "Reprojection regularizer weight (0 = off)."})
-    grafting: bool | None = field(default=None, metadata={"help": "Per-module norm grafting (GRITConfig default "
-                                                                "True); False is the published scale."})
-    kfac_update_freq: int | None = field(default=None, metadata={"help": "Update/invert factors every n steps."})
-    kfac_damping: float | None = field(default=None, metadata={"help": "Damping (GRITConfig says relative or not)."})
-    ng_warmup_steps: int | None = field(default=None, metadata={"help": "Steps without preconditioning."})
-    other: dict = field(default_factory=dict, metadata={"help": "Any other GRITConfig field -> value."})
-
-    def __post_init__(self):
-        if self.pairing not in ("kfac", "reference"):
-            raise ValueError(f"pairing must be 'kfac' or 'reference', got {self.pairing!r}")
-        if not self.precondition:
-            # PRECONDITION=False alone means GRIT entirely off (the control); regularizers only when asked.
-            self.lambda_kfac = 0.0 if self.lambda_kfac is None else self.lambda_kfac
-            self.lambda_reproj = 0.0 if self.lambda_reproj is None else self.lambda_reproj
-
-    @property
-    def is_control(self) -> bool:
-        return not self.precondition and not self.lambda_kfac and not self.lambda_reproj
-
-    def config_kwargs(self) -> dict[str, Any]:
-        out = {"precondition": self.precondition, "pairing": self.pairing, **self.other}
-        for name in ("lambda_kfac", "lambda_reproj", "grafting", "kfac_update_freq", "kfac_damping",
-                     "ng_warmup_steps"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        return out
-
-
-def grit_config(preset: Preset, settings: GritSettings):
+def grit_config(preset: Preset, spec: ArmSpec):
+    """The arm's ``GRITConfig``: the registry's settings over the preset's rank and update frequency;
+    None for an arm without GRIT (no GRIT object is built at all)."""
+    if spec.grit is None:
+        return None
     from grit import GRITConfig
 
-    return GRITConfig(lora_rank=preset.lora_r, **settings.config_kwargs())
-
-
-def arm_name(settings: GritSettings | None, config=None, loss_on_padding: bool = False) -> str:
-    """grit / control / ng_only / reg_only / reference / padding_artifact, from what is switched on; a
-    preconditioned arm without grafting gets the suffix ``_no_grafting`` (e.g. grit_no_grafting)."""
-    if loss_on_padding:
-        return "padding_artifact"
-    if settings is None:
-        return "baseline"
-    if settings.is_control:
-        return "control"
-    regs = config is not None and (config.lambda_kfac > 0 or config.lambda_reproj > 0)
-    if settings.pairing == "reference":
-        name = "reference"
-    elif settings.precondition and regs:
-        name = "grit"
-    else:
-        name = "ng_only" if settings.precondition else "reg_only"
-    if settings.precondition and config is not None and not config.grafting:
-        name += "_no_grafting"
-    return name
+    return GRITConfig(**{"lora_rank": preset.lora_r, "kfac_update_freq": preset.kfac_update_freq, **spec.grit})
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -122,25 +65,33 @@ def arm_name(settings: GritSettings | None, config=None, loss_on_padding: bool =
 def study_data(preset: Preset, tokenizer) -> StudyData:
     return build_study_data(tokenizer, source=preset.data, template=preset.template,
                             max_seq_length=preset.max_seq_length, val_size=preset.val_size,
-                            num_examples=preset.num_examples, seed=preset.seed)
+                            test_size=preset.test_size, num_examples=preset.num_examples, data_seed=preset.data_seed)
 
 
-def collator(preset: Preset, tokenizer, loss_on_padding: bool = False) -> PadCollator:
-    # pad = EOS on every tokenizer of the study; the published artifact also padded with EOS.
-    pad = tokenizer.pad_token_id if not loss_on_padding else tokenizer.eos_token_id
+def collator(preset: Preset, shared_tokenizer, loss_on_padding: bool = False) -> PadCollator:
+    """The collator of every arm. ``shared_tokenizer`` is the one the data was tokenized with
+    (``load_tokenizer(preset.model_id)``), never a stack's own: Unsloth's ``fix_pad_token`` replaces a
+    pad token equal to EOS by a reserved token on Llama-3 tokenizers, and the batch hashes cover the
+    padded positions, so one pad id for all arms is what lets the hashes prove identical batches."""
+    # The published artifact padded with EOS.
+    pad = shared_tokenizer.pad_token_id if not loss_on_padding else shared_tokenizer.eos_token_id
     return PadCollator(pad, loss_on_padding=loss_on_padding,
                        max_seq_length=preset.max_seq_length if loss_on_padding else None)
 
 
-def training_arguments(preset: Preset, output_dir: str) -> dict[str, Any]:
-    """The TrainingArguments fields every arm shares (SFTConfig takes them too)."""
+def training_arguments(preset: Preset, output_dir: str, optimizer: str = "adamw") -> dict[str, Any]:
+    """The TrainingArguments fields every arm shares (SFTConfig takes them too). ``optimizer``: the arm's
+    family ('adamw' = the preset's optimizer, 'sgd' = SGD with momentum, grit.study.registry)."""
+    optim = dict(optim=preset.optim) if optimizer == "adamw" else dict(optim="sgd", optim_args=f"momentum={SGD_MOMENTUM}")
+    # HF's data_seed orders the batches: the training seed's job. The preset's data_seed draws the splits.
     return dict(
         output_dir=output_dir, per_device_train_batch_size=preset.per_device_train_batch_size,
         gradient_accumulation_steps=preset.gradient_accumulation_steps, max_steps=preset.max_steps,
         learning_rate=preset.learning_rate, warmup_steps=preset.warmup_steps, weight_decay=preset.weight_decay,
-        lr_scheduler_type=preset.lr_scheduler_type, max_grad_norm=preset.max_grad_norm, optim=preset.optim,
+        lr_scheduler_type=preset.lr_scheduler_type, max_grad_norm=preset.max_grad_norm, **optim,
         seed=preset.seed, data_seed=preset.seed, logging_steps=preset.logging_steps, report_to="none",
-        eval_strategy="no", save_strategy="no", remove_unused_columns=False, disable_tqdm=False,
+        eval_strategy="no", save_strategy="steps" if preset.save_steps else "no", save_steps=preset.save_steps or 500,
+        remove_unused_columns=False, disable_tqdm=False,
         bf16=preset.compute_dtype == "bfloat16" and preset.device == "cuda",
         fp16=preset.compute_dtype == "float16" and preset.device == "cuda",
         use_cpu=preset.device == "cpu", dataloader_num_workers=0,
@@ -162,57 +113,132 @@ class ArmResult:
 
     @property
     def summary(self) -> dict[str, Any]:
-        return json.loads((self.run_dir / "run_summary.json").read_text())
+        return json.loads((self.run_dir / SUMMARY_NAME).read_text())
 
 
-def _recorder(preset: Preset, arm: str, data: StudyData, model, tokenizer, logdir: str, *,
-              model_id: str, loss_on_padding: bool, departs_from: str | None, grit_manager=None, extra=None):
+def _recorder(preset: Preset, spec: ArmSpec, data: StudyData, model, shared_tokenizer, logdir: str, *,
+              model_id: str, run_name: str | None, grit_manager=None, extra=None, resume_from: str | None = None):
     from .evaluate import eval_loss
     from .runs import RunRecorder, new_run_dir
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora_dtypes = sorted({str(p.dtype) for n, p in model.named_parameters() if p.requires_grad})
     info = {
-        "arm": arm, "preset": preset.name, "model_id": model_id, "data_source": preset.data,
-        "optimizer": preset.optim, "compute_dtype": preset.compute_dtype, "trainable_parameters": trainable,
-        "trainable_dtypes": lora_dtypes, "loss_on_padding": loss_on_padding, "departs_from": departs_from,
+        "arm": spec.name, "arm_definition": spec.to_dict(), "stack": spec.stack, "preset": preset.name,
+        "model_id": model_id, "data_source": preset.data, "learning_rate": preset.learning_rate, "seed": preset.seed,
+        "data_seed": preset.data_seed, "max_steps": preset.max_steps,
+        "optimizer": preset.optim if spec.optimizer == "adamw" else spec.optimizer, "peer": spec.peer,
+        "compute_dtype": preset.compute_dtype, "trainable_parameters": trainable,
+        "trainable_dtypes": lora_dtypes, "loss_on_padding": spec.loss_on_padding,
+        # The padding artifact trains on other batches by design: the comparison exempts it from the hash check.
+        "departs_from": spec.name.replace("padding_artifact_", "").replace("padding_artifact", "grit")
+        if spec.loss_on_padding else None,
         "preset_fields": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(preset).items()},
         "data": data.summary(), "train_fingerprint": data.train_fingerprint, "val_fingerprint": data.val_fingerprint,
-        **(extra or {}),
+        "test_fingerprint": data.test_fingerprint, **(extra or {}),
     }
-    run_dir = new_run_dir(logdir, arm)
+    if resume_from is not None:
+        run_dir = RunRecorder.saved_run_dir(resume_from)  # the same run, continued
+    elif run_name is None:
+        run_dir = new_run_dir(logdir, spec.name)
+    else:
+        run_dir = Path(logdir) / run_name
+        run_dir.mkdir(parents=True)  # a fresh directory: a rerun must not mix its events with an old run's
     info["run_dir"] = str(run_dir)
-    return RunRecorder(run_dir, info=info, eval_steps=preset.eval_steps, grit_manager=grit_manager,
-                       evaluate=lambda m: eval_loss(m, data.val, tokenizer.pad_token_id, preset.eval_batch_size))
+    pad = shared_tokenizer.pad_token_id
+    recorder = RunRecorder(run_dir, info=info, eval_steps=preset.eval_steps, grit_manager=grit_manager,
+                           evaluate=lambda m: eval_loss(m, data.val, pad, preset.eval_batch_size))
+    if resume_from is not None:
+        recorder.restore(resume_from)
+    return recorder
 
 
-def finish(res: ArmResult, *, accuracy: bool | None = None, export: bool = False) -> dict[str, Any]:
-    """After training: exact-match accuracy (synthetic data) of the tuned and the base model, and the
-    optional GGUF export figures; all written into the run summary. Returns the summary."""
-    from .evaluate import accuracy as tuned_accuracy, base_accuracy_cached
+# Synthetic prompts are short: decode them 64 at a time. On CPU every decode step dequantizes all 4-bit
+# weights once, whatever the batch, so fewer, wider batches are what makes decoding cheap.
+GENERATION_BATCH = 64
+
+
+def retention_figures(res: ArmResult) -> dict[str, Any]:
+    """Retention KL(base || tuned) on the fixed texts sampled once from the untuned 4-bit base, and the
+    drift sum of ||s B A||_F (grit.study.retention); cheap enough for every run, tuning runs included."""
+    from .models import load_tokenizer
+    from .retention import retention_summary
 
     p = res.preset
+    model_id = res.recorder.info["model_id"]
+    return retention_summary(res.model, load_tokenizer(p.model_id), model_id=model_id, template=p.template,
+                             key_extra={"load_in_4bit": p.load_in_4bit, "compute_dtype": p.compute_dtype},
+                             batch_size=p.eval_batch_size)
+
+
+def final_evaluation(res: ArmResult, *, accuracy: bool | None = None) -> dict[str, Any]:
+    """The reported figures of a final run, all into ``run_summary.json``: test loss (token-weighted
+    response CE), exact match overall and per family with every test prediction kept (also as
+    ``predictions.jsonl`` next to the summary), the base model's exact match (cached), retention KL and
+    drift. Without a test split (test_size 0) the validation split stands in and the summary says so."""
+    from .evaluate import accuracy as tuned_accuracy, base_accuracy_cached, eval_loss, write_predictions
+    from .files import PREDICTIONS_NAME
+    from .models import load_tokenizer
+
+    p, data = res.preset, res.data
+    split = "test" if data.test else "val"
+    examples, rows = (data.test, data.test_rows) if split == "test" else (data.val, data.val_rows)
+    pad = load_tokenizer(p.model_id).pad_token_id
+    loss, tokens = eval_loss(res.model, examples, pad, p.eval_batch_size)
+    extra: dict[str, Any] = {"final_split": split, "test_loss": loss, "test_tokens": tokens}
     if accuracy is None:
         accuracy = p.data == "synthetic"
-    extra: dict[str, Any] = {}
-    # Synthetic prompts are short: decode them 64 at a time. On CPU every decode step dequantizes all
-    # 4-bit weights once, whatever the batch, so fewer, wider batches are what makes decoding cheap.
-    gen_batch = 64
-    if accuracy and res.data.val_rows:
-        tuned = tuned_accuracy(res.model, res.tokenizer, res.data.val_rows, p.template, batch_size=gen_batch)
-        key = {"model_id": res.recorder.info["model_id"], "val_fingerprint": res.data.val_fingerprint,
+    if accuracy and rows:
+        tuned = tuned_accuracy(res.model, res.tokenizer, rows, p.template, batch_size=GENERATION_BATCH)
+        fingerprint = data.test_fingerprint if split == "test" else data.val_fingerprint
+        key = {"model_id": res.recorder.info["model_id"], f"{split}_fingerprint": fingerprint,
                "template": p.template, "load_in_4bit": p.load_in_4bit, "compute_dtype": p.compute_dtype}
         # One key for both stacks: with adapters off they run the same quantized network (the smoke test
         # checks their step-0 eval losses agree), so the base is decoded once per study.
-        base = base_accuracy_cached(res.model, res.tokenizer, res.data.val_rows, p.template, key=key,
-                                    batch_size=gen_batch)
-        extra.update(exact_match=tuned["exact_match"], base_exact_match=base["exact_match"],
-                     exact_match_n=tuned["n"], base_exact_match_cached=base["cached"],
-                     val_predictions=tuned["predictions"][:8])
-    if export:
-        extra["export"] = export_figures(res)
+        base = base_accuracy_cached(res.model, res.tokenizer, rows, p.template, key=key, batch_size=GENERATION_BATCH)
+        write_predictions(Path(res.run_dir) / PREDICTIONS_NAME, tuned["predictions"])
+        extra.update(exact_match=tuned["exact_match"], exact_match_n=tuned["n"],
+                     exact_match_by_family={f: v["exact_match"] for f, v in tuned["per_family"].items()},
+                     base_exact_match=base["exact_match"], base_exact_match_cached=base["cached"],
+                     test_predictions=[{k: x[k] for k in ("id", "family", "correct")} for x in tuned["predictions"]])
+    extra.update(retention_figures(res))
     res.recorder.update(**extra)
     return res.summary
+
+
+def finish(res: ArmResult, *, accuracy: bool | None = None, export: bool = False) -> dict[str, Any]:
+    """After training (notebooks 01 and 02): ``final_evaluation`` and, with ``export``, the GGUF export
+    figures; all written into the run summary. Returns the summary."""
+    final_evaluation(res, accuracy=accuracy)
+    if export:
+        res.recorder.update(export=export_figures(res))
+    return res.summary
+
+
+def reload_arm(preset: Preset, spec: ArmSpec, adapter_dir: str | Path, run_dir: str | Path) -> ArmResult:
+    """A finished run's saved adapter on the same 4-bit base, for evaluating it later (the sweep's tier-1
+    runs reused as a seed of tier 2); its figures are added to the run's existing summary."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    from .models import load_base_model
+    from .runs import SummaryFile
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} holds no saved adapter; the run must be trained again (delete "
+                                f"{run_dir} and rerun)")
+    tokenizer = load_tokenizer(preset.model_id)
+    data = study_data(preset, tokenizer)
+    base_id = preset.baseline_model_id if spec.stack == "unsloth+trl" else preset.model_id
+    model = load_base_model(preset, base_id)
+    if preset.load_in_4bit:  # the same preparation the trained model had (norms in fp32, input grads)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    recorder = SummaryFile(Path(run_dir))
+    if recorder.info.get("train_fingerprint") != data.train_fingerprint:
+        raise ValueError(f"{run_dir} was trained on other data (train fingerprint "
+                         f"{recorder.info.get('train_fingerprint')} != {data.train_fingerprint})")
+    return ArmResult(spec.name, preset, model, tokenizer, None, recorder, data, Path(run_dir))
 
 
 def export_figures(res: ArmResult) -> dict[str, Any]:
@@ -241,7 +267,7 @@ def export_figures(res: ArmResult) -> dict[str, Any]:
     return out
 
 
-def deploy(res: ArmResult, summary: dict[str, Any]) -> dict[str, Any]:
+def deploy(res: ArmResult) -> dict[str, Any]:
     """Create an Ollama model from the exported GGUF and ask it one held-out prompt (if ollama exists)."""
     from . import export as ex
     from .data import merged_instruction
@@ -265,20 +291,29 @@ def print_summary(s: dict[str, Any]) -> None:
           ", ".join(f"step {k}: {v:.4f}" for k, v in evals.items()))
     print(f"s/step median {s['median_s_per_step']:.3f} mean {s['mean_s_per_step']:.3f} | tokens/s "
           f"{s['tokens_per_s']:.0f} | peak memory {s['peak_memory_mb']:.0f} MiB")
+    if "test_loss" in s:
+        print(f"{s['final_split']} loss {s['test_loss']:.4f} | retention KL(base || tuned) {s['retention_kl']:.4f} | "
+              f"drift sum ||sBA||_F {s['drift']:.3f}")
     if "exact_match" in s:
         print(f"exact match {s['exact_match']:.3f} (base model {s['base_exact_match']:.3f}) on {s['exact_match_n']} "
-              "validation prompts")
+              f"{s['final_split']} prompts; by family: " +
+              ", ".join(f"{f} {v:.2f}" for f, v in s.get("exact_match_by_family", {}).items()))
     if s.get("export"):
         e = s["export"]
         print(f"export: {e['gguf']} | eval loss merged {e['eval_loss_merged']:.4f}, GGUF q8_0 {e['eval_loss_gguf']}")
-    print(f"data: train {s['train_fingerprint']} val {s['val_fingerprint']} | run {s.get('run_dir', '')}")
+    print(f"data: train {s['train_fingerprint']} val {s['val_fingerprint']} test {s.get('test_fingerprint')} | "
+          f"run {s.get('run_dir', '')}")
 
 
 # ----------------------------------------------------------------------------- the arms
 
-def run_baseline(preset: Preset, *, logdir: str = DEFAULT_LOGDIR, output_dir: str = DEFAULT_OUTPUT_DIR,
-                 loss_on_padding: bool = False, train: bool = True) -> ArmResult:
+def run_baseline(preset: Preset, arm: ArmSpec | str = "baseline", *, logdir: str = DEFAULT_LOGDIR,
+                 output_dir: str = DEFAULT_OUTPUT_DIR, run_name: str | None = None, train: bool = True,
+                 resume_from_checkpoint: str | None = None) -> ArmResult:
     """01: Unsloth ``FastLanguageModel`` (4-bit) + ``get_peft_model`` + TRL ``SFTTrainer``."""
+    spec = get_arm(arm) if isinstance(arm, str) else arm
+    if spec.stack != "unsloth+trl":
+        raise ValueError(f"arm {spec.name} runs on the {spec.stack} stack: use run_hf (notebook {spec.notebook})")
     import unsloth  # noqa: F401  (first, so its patches apply; the notebook imports it first anyway)
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
@@ -293,55 +328,72 @@ def run_baseline(preset: Preset, *, logdir: str = DEFAULT_LOGDIR, output_dir: st
         model, r=preset.lora_r, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout, bias="none",
         target_modules=list(preset.lora_targets), use_rslora=preset.use_rslora, random_state=preset.seed,
         use_gradient_checkpointing="unsloth" if preset.gradient_checkpointing else False)
-    # The shared pipeline tokenizes with the HF arm's tokenizer: identical ids by construction.
-    data = study_data(preset, load_tokenizer(preset.model_id))
+    # The shared pipeline tokenizes and pads with the HF arm's tokenizer: identical ids by construction.
+    shared_tokenizer = load_tokenizer(preset.model_id)
+    data = study_data(preset, shared_tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # Its own name, so it never shadows the GRIT-side padding_artifact run in a comparison.
-    arm = "padding_artifact_baseline" if loss_on_padding else "baseline"
-    recorder = _recorder(preset, arm, data, model, tokenizer, logdir, model_id=preset.baseline_model_id,
-                         loss_on_padding=loss_on_padding, departs_from="baseline" if loss_on_padding else None,
-                         extra={"stack": "unsloth+trl"})
+    recorder = _recorder(preset, spec, data, model, shared_tokenizer, logdir, model_id=preset.baseline_model_id,
+                         run_name=run_name, resume_from=resume_from_checkpoint)
     run_dir = recorder.run_dir
     args = SFTConfig(**training_arguments(preset, str(Path(output_dir) / run_dir.name)),
                      max_length=preset.max_seq_length, packing=False, dataset_text_field=None)
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=as_hf_dataset(data.train),
-                         data_collator=collator(preset, tokenizer, loss_on_padding))
+                         data_collator=collator(preset, shared_tokenizer, spec.loss_on_padding))
     recorder.attach(trainer)
     if train:
-        trainer.train()
-    return ArmResult(arm, preset, model, tokenizer, trainer, recorder, data, run_dir)
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return ArmResult(spec.name, preset, model, tokenizer, trainer, recorder, data, run_dir)
 
 
-def run_hf(preset: Preset, grit: GritSettings | None = None, *, logdir: str = DEFAULT_LOGDIR,
-           output_dir: str = DEFAULT_OUTPUT_DIR, loss_on_padding: bool = False, arm: str | None = None,
-           train: bool = True) -> ArmResult:
-    """02: HF 4-bit model + ``prepare_model_for_kbit_training`` + ``get_peft_model``, then either
-    ``GRITManager`` + ``GritTrainer`` or, with GRIT entirely off, the plain ``Trainer`` (control)."""
+def peer_optimizer(spec: ArmSpec, args, model):
+    """The arm's PEFT optimizer factory around the exact optimizer class and arguments the control's
+    Trainer would build from ``args`` (fused AdamW on CPU, bnb 8-bit AdamW on CUDA)."""
+    from peft.optimizers import create_loraplus_optimizer, create_riemannian_optimizer
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr", args.learning_rate)
+    if spec.peer == "riemannian":
+        return create_riemannian_optimizer(model, cls, lr=lr, weight_decay=args.weight_decay, **spec.peer_args, **kwargs)
+    if spec.peer == "loraplus":
+        return create_loraplus_optimizer(model, cls, lr=lr, loraplus_weight_decay=args.weight_decay, **spec.peer_args,
+                                         **kwargs)
+    raise ValueError(f"arm {spec.name}: no peer optimizer {spec.peer!r}")
+
+
+def run_hf(preset: Preset, arm: ArmSpec | str = "grit", *, logdir: str = DEFAULT_LOGDIR,
+           output_dir: str = DEFAULT_OUTPUT_DIR, run_name: str | None = None, train: bool = True,
+           resume_from_checkpoint: str | None = None) -> ArmResult:
+    """02: HF 4-bit model + ``prepare_model_for_kbit_training`` + ``get_peft_model``, then, as the arm says,
+    ``GRITManager`` + ``GritTrainer``, or the plain ``Trainer`` (the control; a peer's PEFT optimizer)."""
     from transformers import Trainer, TrainingArguments
 
     from .models import load_peft_model
 
-    grit = grit or GritSettings()
+    spec = get_arm(arm) if isinstance(arm, str) else arm
+    if spec.stack != "hf+peft":
+        raise ValueError(f"arm {spec.name} runs on the {spec.stack} stack: use run_baseline (notebook {spec.notebook})")
     tokenizer = load_tokenizer(preset.model_id)
     data = study_data(preset, tokenizer)
     model = load_peft_model(preset)
-    # The control builds no GRIT object at all: nothing of GRIT can touch its run.
-    config = None if grit.is_control else grit_config(preset, grit)
-    base_arm = arm_name(grit, config)
-    name = arm or arm_name(grit, config, loss_on_padding)
+    # An arm without GRIT builds no GRIT object at all: nothing of GRIT can touch its run.
+    config = grit_config(preset, spec)
     manager = None
     if config is not None:
         from grit import GRITManager
 
         manager = GRITManager(model, config)
-    grit_info = {"grit_config": {k: v for k, v in dataclasses.asdict(config).items()}} if manager is not None else {}
-    recorder = _recorder(preset, name, data, model, tokenizer, logdir, model_id=preset.model_id,
-                         loss_on_padding=loss_on_padding, departs_from=base_arm if loss_on_padding else None,
-                         grit_manager=manager, extra={"stack": "hf+peft", **grit_info})
-    args = TrainingArguments(**training_arguments(preset, str(Path(output_dir) / recorder.run_dir.name)))
+    grit_info = {"grit_config": config.to_dict()} if config is not None else {}
+    recorder = _recorder(preset, spec, data, model, tokenizer, logdir, model_id=preset.model_id, run_name=run_name,
+                         grit_manager=manager, extra=grit_info, resume_from=resume_from_checkpoint)
+    args = TrainingArguments(**training_arguments(preset, str(Path(output_dir) / recorder.run_dir.name),
+                                                  optimizer=spec.optimizer))
     kwargs = dict(model=model, args=args, train_dataset=as_hf_dataset(data.train), processing_class=tokenizer,
-                  data_collator=collator(preset, tokenizer, loss_on_padding))
+                  data_collator=collator(preset, tokenizer, spec.loss_on_padding))
+    if spec.peer is not None:
+        kwargs["optimizers"] = (peer_optimizer(spec, args, model), None)
     if manager is None:
         trainer = Trainer(**kwargs)
     else:
@@ -350,5 +402,6 @@ def run_hf(preset: Preset, grit: GritSettings | None = None, *, logdir: str = DE
         trainer = GritTrainer(**kwargs, grit_manager=manager)
     recorder.attach(trainer)
     if train:
-        trainer.train()
-    return ArmResult(name, preset, model, tokenizer, trainer, recorder, data, recorder.run_dir, manager)
+        # GritTrainer restores the GRIT state (grit_state.pt) from the same checkpoint.
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return ArmResult(spec.name, preset, model, tokenizer, trainer, recorder, data, recorder.run_dir, manager)

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-SUMMARY_NAME = "run_summary.json"  # written by grit.study.runs (not imported: it pulls in transformers)
+from .files import SUMMARY_NAME
+from .registry import ARMS
 
-ARM_ORDER = ("baseline", "control", "grit", "grit_no_grafting", "ng_only", "reg_only", "reference",
-             "padding_artifact", "padding_artifact_baseline")
+
+ARM_ORDER = tuple(ARMS)  # the registry's order: baseline, control, grit, then the sweep's and the ablations' arms
 METRICS = (  # (tag, title, y label, file stem)
     ("train/loss", "train loss (response tokens)", "cross-entropy", "train_loss"),
     ("train/grad_norm", "gradient norm before clipping (GRIT: after preconditioning)", "L2 norm", "grad_norm"),
@@ -47,6 +48,19 @@ class Run:
     def arm(self) -> str:
         return self.summary.get("arm", self.name.rsplit("_", 1)[0])
 
+    def _field(self, name: str) -> Any:
+        return self.summary.get(name, self.summary.get("preset_fields", {}).get(name))
+
+    @property
+    def key(self) -> tuple:
+        """(arm, learning rate, seed, steps): what tells two runs of the study apart."""
+        return (self.arm, self._field("learning_rate"), self._field("seed"), self._field("max_steps"))
+
+    @property
+    def batch_group(self) -> tuple:
+        """Runs with the same (seed, steps) must have trained on identical batches."""
+        return (self._field("seed"), self._field("max_steps"))
+
     @property
     def is_padding_artifact(self) -> bool:
         return bool(self.summary.get("loss_on_padding"))
@@ -65,63 +79,68 @@ def read_scalars(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float,
     return {tag: sorted((e.step, e.wall_time, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
 
 
-def load_runs(logdir: str | os.PathLike, *, latest_per_arm: bool = True, **filters: Any) -> list[Run]:
+def load_runs(logdir: str | os.PathLike, *, latest_per_key: bool = True, recursive: bool = False,
+              **filters: Any) -> list[Run]:
     """The finished runs under ``logdir`` (those with a run_summary.json), in ARM_ORDER.
 
     ``filters``: summary fields that must match (e.g. ``preset="smollm2-135m"``); ``None`` ignores one.
-    ``latest_per_arm``: keep only the newest run of each arm (names end in a sortable timestamp).
+    ``latest_per_key``: keep only the newest run of each (arm, learning rate, seed, steps) (names end in a
+    sortable timestamp, or the run directories sort by their key). ``recursive``: look in subfolders too
+    (the sweep's ``tensorboard_logs/sweep/<arm>/<run>``).
     """
     logdir = Path(logdir)
     if not logdir.is_dir():
         raise FileNotFoundError(f"log directory {logdir} does not exist; run notebooks 01 and 02 first "
                                 "(or point LOGDIR at the committed tensorboard_logs/)")
+    found = logdir.rglob(SUMMARY_NAME) if recursive else (p / SUMMARY_NAME for p in logdir.iterdir())
     runs = []
-    for d in sorted(p for p in logdir.iterdir() if (p / SUMMARY_NAME).is_file()):
-        summary = json.loads((d / SUMMARY_NAME).read_text())
-        if any(v is not None and summary.get(k, summary.get("preset_fields", {}).get(k)) != v
-               for k, v in filters.items()):
+    for f in sorted(f for f in found if f.is_file()):
+        summary = json.loads(f.read_text())
+        run = Run(f.parent.name, f.parent, summary)
+        if any(v is not None and run._field(k) != v for k, v in filters.items()):
             continue
-        runs.append(Run(d.name, d, summary))
-    if latest_per_arm:
-        newest: dict[str, Run] = {}
-        for r in runs:  # sorted by name: arm_<timestamp>, so the last one wins
-            newest[r.arm] = r
+        runs.append(run)
+    if latest_per_key:
+        newest: dict[tuple, Run] = {}
+        for r in runs:  # sorted by path: <arm>_<timestamp>, so the last one wins
+            newest[r.key] = r
         runs = list(newest.values())
     if not runs:
         raise FileNotFoundError(f"no finished runs (directories with {SUMMARY_NAME}) in {logdir} matching {filters}")
     for r in runs:
         r.scalars = read_scalars(r.path)
     rank = {a: i for i, a in enumerate(ARM_ORDER)}
-    return sorted(runs, key=lambda r: (rank.get(r.arm, len(rank)), r.name))
+    return sorted(runs, key=lambda r: (rank.get(r.arm, len(rank)), str(r.key), r.name))
 
 
 def check_fingerprints(runs: Sequence[Run]) -> str:
-    """Raise ``FingerprintMismatch`` unless every run has the same train and validation fingerprints."""
-    seen: dict[tuple[str, str], list[str]] = {}
+    """Raise ``FingerprintMismatch`` unless every run has the same train, validation and test fingerprints."""
+    seen: dict[tuple, list[str]] = {}
     for r in runs:
         key = (r.summary.get("train_fingerprint"), r.summary.get("val_fingerprint"))
         if None in key:
             raise FingerprintMismatch(f"run {r.name} records no data fingerprints; it was not written by "
                                       "grit.study.runs and cannot be compared")
-        seen.setdefault(key, []).append(r.name)
+        seen.setdefault(key + (r.summary.get("test_fingerprint"),), []).append(r.name)
     if len(seen) > 1:
-        detail = "; ".join(f"train={t} val={v}: {', '.join(names)}" for (t, v), names in seen.items())
+        detail = "; ".join(f"train={t} val={v} test={te}: {', '.join(names)}" for (t, v, te), names in seen.items())
         raise FingerprintMismatch(
             f"REFUSING to compare runs trained or evaluated on different data ({detail}). Rerun them with the "
-            "same PRESET, DATA, SEED and max_seq_length, or compare them in separate log directories.")
-    ((train, val),) = seen
-    return f"train {train}, val {val}"
+            "same PRESET, DATA, data_seed and max_seq_length, or compare them in separate log directories.")
+    ((train, val, test),) = seen
+    return f"train {train}, val {val}" + (f", test {test}" if test else "")
 
 
 def batch_hash_agreement(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
-    """For each run against the first fair run: steps compared and steps whose batch hashes agree."""
-    fair = [r for r in runs if not r.is_padding_artifact]
-    if not fair:
-        return {}
-    ref = fair[0]
-    ref_hashes = ref.summary.get("batch_hashes", [])
+    """For each run against the first fair run of its (seed, steps) group: steps compared and steps whose
+    batch hashes agree. Runs of another seed train on another order by design and are not compared."""
     out = {}
     for r in runs:
+        fair = [x for x in runs if not x.is_padding_artifact and x.batch_group == r.batch_group]
+        if not fair:
+            continue
+        ref = fair[0]
+        ref_hashes = ref.summary.get("batch_hashes", [])
         hashes = r.summary.get("batch_hashes", [])
         n = min(len(hashes), len(ref_hashes))
         out[r.name] = {"reference": ref.name, "compared": n,
@@ -140,7 +159,9 @@ def check_batch_hashes(runs: Sequence[Run]) -> None:
 # ----------------------------------------------------------------------------- plots
 
 def _label(r: Run) -> str:
-    return f"{r.arm} ({r.summary.get('stack', '?')})"
+    lr, seed = r._field("learning_rate"), r._field("seed")
+    return f"{r.arm} ({r.summary.get('stack', '?')}, lr {lr:g}, seed {seed})" if lr is not None else \
+        f"{r.arm} ({r.summary.get('stack', '?')})"
 
 
 def _departed(r: Run, runs: Sequence[Run]) -> Run | None:
@@ -249,7 +270,8 @@ def results_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         last = max(evals, key=int) if evals else None
         export = s.get("export") or {}
         rows.append({
-            "arm": r.arm, "stack": s.get("stack"), "steps": s.get("steps"),
+            "arm": r.arm, "stack": s.get("stack"), "lr": r._field("learning_rate"), "seed": r._field("seed"),
+            "steps": s.get("steps"),
             "preconditioned": s.get("preconditioned_steps"), "final train loss": s.get("final_train_loss"),
             "eval loss step 0": evals.get("0"), "final eval loss": evals.get(last) if last else None,
             "exact match": s.get("exact_match"), "base exact match": s.get("base_exact_match"),
@@ -264,7 +286,7 @@ def results_markdown(runs: Sequence[Run]) -> str:
     """The results table plus the facts a reader needs next to every number (hardware, preset, data)."""
     rows = results_rows(runs)
     cols = [c for c in rows[0] if any(row[c] is not None for row in rows)]
-    specs = {"preconditioned": "d", "steps": "d", "tokens/s": ".0f", "peak MiB": ".0f", "exact match": ".3f",
+    specs = {"lr": ".0e", "seed": "d", "preconditioned": "d", "steps": "d", "tokens/s": ".0f", "peak MiB": ".0f", "exact match": ".3f",
              "base exact match": ".3f", "median s/step": ".2f", "mean s/step": ".2f"}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
@@ -278,11 +300,10 @@ def results_markdown(runs: Sequence[Run]) -> str:
         "",
         f"Preset `{first.get('preset')}` (model `{first.get('model_id')}`, data `{first.get('data_source')}`, "
         f"seq {p.get('max_seq_length')}, batch {p.get('per_device_train_batch_size')} x accum "
-        f"{p.get('gradient_accumulation_steps')}, lr {p.get('learning_rate')}, optimizer `{first.get('optimizer')}`, "
-        f"seed {p.get('seed')}) on {device}, torch {first.get('package_versions', {}).get('torch')}.",
+        f"{p.get('gradient_accumulation_steps')}, data seed {p.get('data_seed')}) on {device}, torch {first.get('package_versions', {}).get('torch')}.",
         f"Data fingerprints: {check_fingerprints(runs)}. Batch hashes: "
         + ", ".join(f"{n.rsplit('_', 1)[0]} {a['equal']}/{a['compared']}" for n, a in agreement.items())
-        + " steps equal to the first arm.",
+        + " steps equal to the first fair run of the same (seed, steps).",
         "Losses are token-weighted cross-entropy over response tokens; step 0 is the untuned base model. "
         "Times exclude evaluation; peak memory is the process RSS on CPU and peak allocated CUDA memory on GPU.",
     ]

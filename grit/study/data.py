@@ -1,9 +1,14 @@
-"""One data pipeline for every arm: load rows, format, tokenize with response-only labels, split,
+"""One data pipeline for every arm: load rows, format, split, tokenize with response-only labels,
 fingerprint, and collate.
 
 Every arm of the study (Unsloth baseline, GRIT, control) gets its examples from ``build_study_data``
-and its batches from ``PadCollator``, so the tokens, masks and validation rows are the same by
+and its batches from ``PadCollator``, so the tokens, masks and evaluation rows are the same by
 construction, and the fingerprints prove it afterwards.
+
+Splits: a data seed (``data_seed``, never the training seed) draws the synthetic rows and three splits
+once: train, val (for choosing hyperparameters) and test (reported, never used to choose). Val and test
+are drawn from distinct rendered prompts, and every row whose rendered prompt equals a val or test
+prompt is removed from train (and counted), so no held-out prompt is ever trained on.
 
 Label convention: ``labels[i] = -100`` on prompt tokens and on padding; response tokens and the
 appended EOS carry their token id. The prompt and the response are tokenized separately, exactly as
@@ -16,7 +21,6 @@ import csv
 import hashlib
 import json
 import logging
-import random
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +60,12 @@ def _check_row(row: Any, where: str) -> dict:
         raise DataError(f"{where}: field 'output' is empty")
     if not row["instruction"].strip():
         raise DataError(f"{where}: field 'instruction' is empty")
-    return {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
+    family = row.get("family") or None
+    if family is not None and not isinstance(family, str):
+        raise DataError(f"{where}: field 'family' must be a string, got {type(family).__name__}")
+    out = {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
+    # The id names the prompt (not the file position), so it survives reordering and re-drawing.
+    return {"id": row_id(out, family), "family": family, **out}
 
 
 def _raw_rows_from_file(path: Path) -> Iterable[tuple[str, Any]]:
@@ -94,18 +103,21 @@ def _raw_rows_from_file(path: Path) -> Iterable[tuple[str, Any]]:
                         "'instruction', 'input', 'output'")
 
 
-def load_rows(source: str, *, num_examples: int = 0, seed: int = 0, on_bad_rows: str = "error"
+def load_rows(source: str, *, num_examples: int = 0, data_seed: int = 0, on_bad_rows: str = "error"
               ) -> tuple[list[dict], int]:
     """Load Alpaca-format rows from ``source``; return (rows, number of bad rows skipped).
 
-    ``source``: ``"synthetic"``, ``"hub:<dataset id>"`` (the only network access), or a file path.
+    Each row is ``{"id", "family", "instruction", "input", "output"}``: ``id`` is ``row_id`` (stable
+    across processes), ``family`` the synthetic family, a file's optional ``family`` field, or None.
+    ``source``: ``"synthetic"`` (``num_examples`` rows drawn with ``data_seed``), ``"hub:<dataset id>"``
+    (the only network access), or a file path.
     ``on_bad_rows``: ``"error"`` raises ``DataError`` naming the file and row; ``"skip"`` drops the
     row, counts it and logs the count.
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
     if source == "synthetic":
-        rows = synthetic_rows(num_examples or 2000, seed=seed)
+        rows = synthetic_rows(num_examples or 2000, seed=data_seed)
         return [_check_row(r, f"synthetic:row {i}") for i, r in enumerate(rows)], 0
     if source.startswith("hub:"):
         from datasets import load_dataset
@@ -144,6 +156,16 @@ def merged_instruction(row: dict) -> str:
     return row["instruction"] + (INPUT_MERGE + row["input"] if row.get("input") else "")
 
 
+def row_id(row: dict, family: str | None = None) -> str:
+    """A stable id for the row's prompt: ``<family>/<12 hex of SHA-256(merged instruction)>``.
+
+    Two rows share an id exactly when they share a prompt (either template renders the prompt from the
+    merged instruction alone), so predictions of different runs pair up by id.
+    """
+    digest = hashlib.sha256(merged_instruction(row).encode("utf-8")).hexdigest()[:12]
+    return f"{family or 'row'}/{digest}"
+
+
 def format_prompt(row: dict, tokenizer, template: str = "alpaca") -> str:
     """The prompt text the model sees before its response, for training and inference alike."""
     if template == "alpaca":
@@ -174,15 +196,83 @@ def tokenize_row(row: dict, tokenizer, template: str, max_seq_length: int) -> di
 
 # ----------------------------------------------------------------------------- split, fingerprint
 
-def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, validation indices): a seeded permutation, stable across processes."""
-    if val_size >= n:
-        raise DataError(f"val_size={val_size} leaves no training rows out of {n}")
-    order = list(range(n))
-    random.Random(f"grit-split-{seed}").shuffle(order)
-    val = sorted(order[:val_size])
-    held = set(val)
-    return [i for i in range(n) if i not in held], val
+@dataclass
+class Split:
+    """Row indices of the three splits, and the train rows removed because they repeat a held-out prompt."""
+
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    removed_overlap_val: int
+    removed_overlap_test: int
+    distinct_prompts: int
+
+
+def _rank(data_seed: int, prompt: str) -> str:
+    # A seeded order that is the same in every process (no PYTHONHASHSEED) and ignores row order.
+    return hashlib.sha256(f"grit-split-{data_seed}\0{prompt}".encode("utf-8")).hexdigest()
+
+
+def _quotas(total: int, capacity: dict[Any, int], what: str) -> dict[Any, int]:
+    """``total`` picks spread over strata as evenly as their capacity allows (water-filling); when it
+    does not divide evenly, the strata first in sorted order take one more."""
+    if total > sum(capacity.values()):
+        raise DataError(f"{what}: asked for {total} distinct prompts, only {sum(capacity.values())} are left "
+                        f"({', '.join(f'{s}: {c}' for s, c in sorted(capacity.items(), key=str))}); "
+                        "lower val_size/test_size or draw more rows (num_examples)")
+    quotas = {s: 0 for s in capacity}
+    remaining = total
+    while remaining:
+        open_strata = [s for s in sorted(capacity, key=str) if quotas[s] < capacity[s]]
+        share = max(remaining // len(open_strata), 1)
+        for s in open_strata:
+            take = min(share, capacity[s] - quotas[s], remaining)
+            quotas[s] += take
+            remaining -= take
+            if not remaining:
+                break
+    return quotas
+
+
+def split_by_prompt(prompts: Sequence[str], families: Sequence[str | None], *, val_size: int, test_size: int,
+                    data_seed: int) -> Split:
+    """Three splits of rows such that no val or test prompt occurs in train.
+
+    ``prompts[i]`` is row i's rendered prompt (``format_prompt``), ``families[i]`` its family or None.
+      1. Rows are grouped by prompt; a distinct prompt is represented by its first row.
+      2. Strata: the families when every row has one (test and val are then stratified: each family
+         gets ``size // families`` prompts, the first families in sorted order one more), else one.
+      3. Each stratum's prompts are ranked by SHA-256 of (data_seed, prompt); test takes the first
+         ranked prompts, val the next ones, so the test split does not move when val_size changes.
+      4. Train is every row whose prompt is neither a val nor a test prompt; the other rows that
+         repeat a held-out prompt are removed from train and counted.
+    """
+    if len(prompts) != len(families):
+        raise ValueError(f"split_by_prompt: {len(prompts)} prompts but {len(families)} families")
+    if val_size < 0 or test_size < 0:
+        raise ValueError(f"val_size and test_size must be >= 0, got {val_size} and {test_size}")
+    first: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(p, i)
+    stratified = all(f is not None for f in families)
+    strata: dict[Any, list[str]] = {}
+    for p, i in first.items():
+        strata.setdefault(families[i] if stratified else None, []).append(p)
+    for ps in strata.values():
+        ps.sort(key=lambda p: _rank(data_seed, p))
+    test_q = _quotas(test_size, {s: len(ps) for s, ps in strata.items()}, "test split")
+    val_q = _quotas(val_size, {s: len(ps) - test_q[s] for s, ps in strata.items()}, "val split")
+    test_p = {p for s, ps in strata.items() for p in ps[:test_q[s]]}
+    val_p = {p for s, ps in strata.items() for p in ps[test_q[s]:test_q[s] + val_q[s]]}
+    test = sorted(first[p] for p in test_p)
+    val = sorted(first[p] for p in val_p)
+    train = [i for i, p in enumerate(prompts) if p not in val_p and p not in test_p]
+    removed_val = sum(p in val_p for p in prompts) - len(val)
+    removed_test = sum(p in test_p for p in prompts) - len(test)
+    if not train:
+        raise DataError(f"val_size={val_size} and test_size={test_size} leave no training rows out of "
+                        f"{len(prompts)} rows ({len(first)} distinct prompts)")
+    return Split(train, val, test, removed_val, removed_test, len(first))
 
 
 def fingerprint(examples: Sequence[dict]) -> str:
@@ -196,59 +286,112 @@ def fingerprint(examples: Sequence[dict]) -> str:
     return h.hexdigest()[:16]
 
 
+def _family_counts(rows: Sequence[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r.get("family") is not None:
+            counts[r["family"]] = counts.get(r["family"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
 @dataclass
 class StudyData:
-    """What every arm trains and evaluates on, with the evidence of what it was."""
+    """What every arm trains and evaluates on, with the evidence of what it was.
+
+    ``*_rows`` are the source rows behind the examples, one per example and in the same order, each
+    ``{"id", "family", "instruction", "input", "output"}``.
+    """
 
     train: list[dict]
     val: list[dict]
+    test: list[dict]
+    train_rows: list[dict] = field(repr=False)
     val_rows: list[dict] = field(repr=False)
+    test_rows: list[dict] = field(repr=False)
     train_fingerprint: str
     val_fingerprint: str
+    test_fingerprint: str
     template: str
     max_seq_length: int
+    data_seed: int
+    source: str = ""
     skipped_bad_rows: int = 0
     dropped_no_response: int = 0
+    dropped_no_response_by_split: dict = field(default_factory=dict)
+    removed_overlap_val: int = 0
+    removed_overlap_test: int = 0
+    distinct_prompts: int = 0
+    synthetic: dict | None = None
 
     def summary(self) -> dict:
-        return {
-            "train_examples": len(self.train), "val_examples": len(self.val),
+        out = {
+            "source": self.source, "data_seed": self.data_seed,
+            "train_examples": len(self.train), "val_examples": len(self.val), "test_examples": len(self.test),
             "train_fingerprint": self.train_fingerprint, "val_fingerprint": self.val_fingerprint,
+            "test_fingerprint": self.test_fingerprint,
             "template": self.template, "max_seq_length": self.max_seq_length,
             "skipped_bad_rows": self.skipped_bad_rows, "dropped_no_response": self.dropped_no_response,
+            "dropped_no_response_by_split": dict(self.dropped_no_response_by_split),
+            "removed_overlap_val": self.removed_overlap_val, "removed_overlap_test": self.removed_overlap_test,
+            "distinct_prompts": self.distinct_prompts,
+            "val_families": _family_counts(self.val_rows), "test_families": _family_counts(self.test_rows),
         }
+        if self.synthetic is not None:
+            out["synthetic"] = self.synthetic
+        return out
 
 
 def build_study_data(tokenizer, *, source: str, template: str = "alpaca", max_seq_length: int = 2048,
-                     val_size: int = 200, num_examples: int = 0, seed: int = 3407,
+                     val_size: int = 200, test_size: int = 0, num_examples: int = 0, data_seed: int = 3407,
                      on_bad_rows: str = "error") -> StudyData:
-    """Load, split, tokenize and fingerprint. The split is drawn on rows, before tokenization, so it
-    does not depend on the tokenizer; rows whose response is truncated away are dropped and counted."""
-    rows, skipped = load_rows(source, num_examples=num_examples, seed=seed, on_bad_rows=on_bad_rows)
-    train_idx, val_idx = split_indices(len(rows), val_size, seed)
-    dropped = 0
+    """Load, split (``split_by_prompt``), tokenize and fingerprint.
 
-    def encode(indices: list[int]) -> tuple[list[dict], list[dict]]:
-        nonlocal dropped
+    ``data_seed`` alone decides the synthetic rows and the split; the training seed must not be passed
+    here (it changes only LoRA init and data order). The split is drawn on rendered prompts, before
+    tokenization, so it depends neither on ``max_seq_length`` nor (for the Alpaca template) on the
+    tokenizer; afterwards rows whose response is truncated away are dropped and counted per split.
+    """
+    rows, skipped = load_rows(source, num_examples=num_examples, data_seed=data_seed, on_bad_rows=on_bad_rows)
+    prompts = [format_prompt(r, tokenizer, template) for r in rows]
+    split = split_by_prompt(prompts, [r["family"] for r in rows], val_size=val_size, test_size=test_size,
+                            data_seed=data_seed)
+    dropped: dict[str, int] = {}
+
+    def encode(name: str, indices: list[int]) -> tuple[list[dict], list[dict]]:
         examples, kept_rows = [], []
         for i in indices:
             ex = tokenize_row(rows[i], tokenizer, template, max_seq_length)
             if ex is None:
-                dropped += 1
+                dropped[name] = dropped.get(name, 0) + 1
                 continue
             examples.append(ex)
             kept_rows.append(rows[i])
         return examples, kept_rows
 
-    train, _ = encode(train_idx)
-    val, val_rows = encode(val_idx)
+    train, train_rows = encode("train", split.train)
+    val, val_rows = encode("val", split.val)
+    test, test_rows = encode("test", split.test)
     if dropped:
-        logger.warning("dropped %d example(s) whose response did not fit in max_seq_length=%d", dropped, max_seq_length)
+        logger.warning("dropped example(s) whose response did not fit in max_seq_length=%d: %s", max_seq_length,
+                       dropped)
+    removed = split.removed_overlap_val + split.removed_overlap_test
+    if removed:
+        logger.warning("removed %d training row(s) whose prompt is a val (%d) or test (%d) prompt", removed,
+                       split.removed_overlap_val, split.removed_overlap_test)
     if not train:
         raise DataError(f"no training examples left from {source!r}")
-    return StudyData(train=train, val=val, val_rows=val_rows, train_fingerprint=fingerprint(train),
-                     val_fingerprint=fingerprint(val), template=template, max_seq_length=max_seq_length,
-                     skipped_bad_rows=skipped, dropped_no_response=dropped)
+    synthetic = None
+    if source == "synthetic":
+        from .synthetic import describe
+
+        synthetic = describe()
+    return StudyData(
+        train=train, val=val, test=test, train_rows=train_rows, val_rows=val_rows, test_rows=test_rows,
+        train_fingerprint=fingerprint(train), val_fingerprint=fingerprint(val), test_fingerprint=fingerprint(test),
+        template=template, max_seq_length=max_seq_length, data_seed=data_seed, source=source,
+        skipped_bad_rows=skipped, dropped_no_response=sum(dropped.values()), dropped_no_response_by_split=dropped,
+        removed_overlap_val=split.removed_overlap_val, removed_overlap_test=split.removed_overlap_test,
+        distinct_prompts=split.distinct_prompts, synthetic=synthetic)
 
 
 def as_hf_dataset(examples: Sequence[dict]):
@@ -259,6 +402,20 @@ def as_hf_dataset(examples: Sequence[dict]):
 
 
 # ----------------------------------------------------------------------------- batching
+
+def response_token_count(labels) -> int:
+    """Tokens a causal LM is scored on: labels after the one-position shift that are not IGNORE_INDEX.
+
+    ``labels``: a ``(batch, seq)`` tensor as ``PadCollator`` makes it. The one place this is counted, so
+    the recorder's train-token counts and ``eval_loss`` agree by construction.
+    """
+    return int(scored_positions(labels).sum())
+
+
+def scored_positions(labels):
+    """Bool ``(batch, seq - 1)``: the positions ``response_token_count`` counts (a device tensor, no sync)."""
+    return labels[..., 1:] != IGNORE_INDEX
+
 
 @dataclass
 class PadCollator:

@@ -1,9 +1,9 @@
-"""Evaluation shared by every arm: token-weighted validation loss, greedy exact-match accuracy, and
-side-by-side responses of the tuned and the base model.
+"""Evaluation shared by every arm: token-weighted response loss, greedy exact-match accuracy with every
+prediction kept, and side-by-side responses of the tuned and the base model.
 
 The base model is the same quantized model with its adapters disabled (``disable_adapter()``), so
 "base" means exactly the network every arm started from; its accuracy is cached by model id,
-quantization, template and validation fingerprint, because it does not depend on the arm.
+quantization, template and the evaluated rows' fingerprint, because it does not depend on the arm.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .data import IGNORE_INDEX, format_prompt, prompt_ids
+from .data import IGNORE_INDEX, format_prompt, prompt_ids, response_token_count, row_id
+
+# Positions whose logits are materialised at once by eval_loss (see there for the memory it bounds).
+EVAL_CHUNK_POSITIONS = 512
 
 
 @contextlib.contextmanager
@@ -36,34 +39,100 @@ def _device(model):
     return next(p for p in model.parameters()).device
 
 
-def eval_loss(model, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8) -> tuple[float, int]:
+# ----------------------------------------------------------------------------- loss, in chunks
+
+# Config fields by which HF and Unsloth models transform logits after lm_head (Unsloth's own table).
+_LOGIT_CAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+_LOGIT_SCALES = ("logit_scale", "lm_head_multiplier", "output_multiplier", "logits_scaling")
+
+
+def causal_lm_parts(model):
+    """``(body, lm_head)`` of an HF causal LM, bare or PEFT-wrapped.
+
+    ``body`` (``LlamaModel`` for a ``LlamaForCausalLM``) returns the final hidden states, after the last
+    norm; ``lm_head(hidden)`` gives the logits, exactly as the model's own forward does. PEFT's LoRA layers
+    sit inside these modules, so adapters (and ``disable_adapter()``) act on this path as on ``forward``.
+    Models whose forward transforms the logits further (soft-capping, logit scaling) are refused rather
+    than scored differently from their own loss.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if body is None or body is base or head is None:
+        prefix = getattr(base, "base_model_prefix", "?")
+        raise TypeError(f"{type(base).__name__} does not expose a decoder body (.{prefix}) and an lm_head "
+                        "(get_output_embeddings()); evaluate an HF *ForCausalLM model")
+    config = getattr(base, "config", None)
+    for name in _LOGIT_CAPS + _LOGIT_SCALES:
+        value = getattr(config, name, None)
+        if value not in (None, 0) and not (name in _LOGIT_SCALES and value == 1):
+            raise ValueError(f"{type(base).__name__} applies {name}={value} to its logits; the chunked loss "
+                             "(lm_head on hidden states) would not, so it refuses to score this model")
+    return body, head
+
+
+def response_hidden_states(model, input_ids, attention_mask, labels):
+    """``(hidden, targets)``: the final hidden states of the positions that predict a response token, and
+    those tokens. hidden: ``(N, hidden_size)``, targets: ``(N,)``, N = ``response_token_count(labels)``."""
+    body, _ = causal_lm_parts(model)
+    targets = labels[:, 1:]                                  # (B, L-1): the token each position predicts
+    keep = targets != IGNORE_INDEX
+    # use_cache=False: an evaluation has no next step, and a KV cache of a long batch costs GiBs.
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]  # (B, L, H)
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def chunked_ce_sum(lm_head, hidden, targets, chunk_positions: int = EVAL_CHUNK_POSITIONS) -> float:
+    """Σ over positions of -log softmax(lm_head(hidden))[target], ``chunk_positions`` rows at a time,
+    with fp32 logits (as HF's loss upcasts them) and a float64 running sum."""
+    import torch
+    import torch.nn.functional as F
+
+    if chunk_positions < 1:
+        raise ValueError(f"chunk_positions must be >= 1, got {chunk_positions}")
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk_positions):
+        logits = lm_head(hidden[s:s + chunk_positions]).float()       # (chunk, vocab)
+        total += F.cross_entropy(logits, targets[s:s + chunk_positions], reduction="sum").double()
+    return float(total)
+
+
+def eval_loss(model, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8,
+              chunk_positions: int = EVAL_CHUNK_POSITIONS) -> tuple[float, int]:
     """Token-weighted CE over the response tokens of ``examples``: (sum of token CE / count, count).
 
-    Each batch's summed CE comes from the model's own loss with ``num_items_in_batch`` set to the
-    batch's token count (loss = sum / count), which every HF causal LM (and Unsloth's chunked CE)
-    honours, so no vocab-sized logits are materialised for big models.
+    The model's body runs on a whole batch, but the logits are materialised only for response positions
+    and at most ``chunk_positions`` of them at a time (``chunked_ce_sum``). Peak memory of the logits is
+    therefore about chunk_positions x vocab x 4 bytes for the fp32 logits, plus as much again for
+    cross-entropy's log-softmax and the lm_head output in the compute dtype: at llama3-8b's vocab
+    (128,256) and the default 512 positions, 251 MiB per fp32 copy (~0.6 GiB in all), where letting the
+    model compute its loss on a batch of 8 x 2,048 tokens materialises 7.8 GiB of fp32 logits alone.
+    Equals the model's own loss (``num_items_in_batch`` = token count) to float rounding.
     """
-    import torch
-
     from .data import PadCollator
 
     collate = PadCollator(pad_token_id)
     device = _device(model)
+    _, head = causal_lm_parts(model)
     total, count = 0.0, 0
     with _eval_mode(model):
         for i in range(0, len(examples), batch_size):
             batch = collate(list(examples[i:i + batch_size]))
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            n = response_token_count(batch["labels"])
             if n == 0:
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch, num_items_in_batch=torch.tensor(n, device=device))
-            total += float(out.loss.float()) * n
+            hidden, targets = response_hidden_states(model, batch["input_ids"], batch["attention_mask"],
+                                                     batch["labels"])
+            total += chunked_ce_sum(head, hidden, targets, chunk_positions)
             count += n
+            del hidden, targets
     if count == 0:
         raise ValueError("eval_loss: the examples hold no response tokens; check the labels (-100 everywhere?)")
     return total / count, count
 
+
+# ----------------------------------------------------------------------------- decoding, predictions
 
 def generate(model, tokenizer, rows: Sequence[dict], template: str, *, max_new_tokens: int = 48,
              batch_size: int = 16) -> list[str]:
@@ -108,10 +177,50 @@ def max_answer_tokens(tokenizer, rows: Sequence[dict], margin: int = 4) -> int:
     return max(len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in rows) + 1 + margin
 
 
+def score_predictions(outputs: Sequence[str], rows: Sequence[dict]) -> dict[str, Any]:
+    """Every prediction with its row, and exact match overall and per family.
+
+    Returns ``{"exact_match", "n", "correct", "per_family": {family: {"exact_match", "n", "correct"}},
+    "predictions": [{"id", "family", "output", "reference", "correct"}, ...]}`` (rows without a family
+    are in the overall figures only). ``correct``: output == reference after stripping whitespace.
+    """
+    if len(outputs) != len(rows) or not rows:
+        raise ValueError(f"score_predictions needs one output per row, got {len(outputs)} for {len(rows)} rows")
+    predictions = []
+    per_family: dict[str, dict[str, Any]] = {}
+    for out, row in zip(outputs, rows):
+        family = row.get("family")
+        ok = out.strip() == row["output"].strip()
+        predictions.append({"id": row.get("id") or row_id(row, family), "family": family, "output": out,
+                            "reference": row["output"], "correct": ok})
+        if family is not None:
+            f = per_family.setdefault(family, {"n": 0, "correct": 0})
+            f["n"] += 1
+            f["correct"] += ok
+    for f in per_family.values():
+        f["exact_match"] = f["correct"] / f["n"]
+    correct = sum(p["correct"] for p in predictions)
+    return {"exact_match": correct / len(rows), "n": len(rows), "correct": correct,
+            "per_family": dict(sorted(per_family.items())), "predictions": predictions}
+
+
 def accuracy(model, tokenizer, rows: Sequence[dict], template: str, batch_size: int = 16) -> dict[str, Any]:
-    preds = generate(model, tokenizer, rows, template, max_new_tokens=max_answer_tokens(tokenizer, rows),
-                     batch_size=batch_size)
-    return {"exact_match": exact_match(preds, rows), "n": len(rows), "predictions": preds}
+    """Greedy decoding of every row's prompt, scored by ``score_predictions`` (same keys)."""
+    outputs = generate(model, tokenizer, rows, template, max_new_tokens=max_answer_tokens(tokenizer, rows),
+                       batch_size=batch_size)
+    return score_predictions(outputs, rows)
+
+
+def write_predictions(path: str | os.PathLike, predictions: Sequence[dict]) -> Path:
+    """Write predictions (``score_predictions(...)["predictions"]``) as JSON lines, atomically."""
+    from .files import atomic_write_text
+
+    return atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+
+
+def read_predictions(path: str | os.PathLike) -> list[dict]:
+    """The predictions ``write_predictions`` wrote, in order."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @contextlib.contextmanager
@@ -126,8 +235,10 @@ def base_model_view(model):
 
 def base_accuracy_cached(model, tokenizer, rows: Sequence[dict], template: str, *, key: dict[str, Any],
                          cache_file: str | Path | None = None, batch_size: int = 16) -> dict[str, Any]:
-    """The base model's exact-match accuracy, computed once per ``key`` (model id, val fingerprint, ...),
-    cached in ``cache_file``, else ``$GRIT_ACCURACY_CACHE``, else ``<cache_dir>/base_accuracy.json``."""
+    """The base model's exact match (overall and per family), computed once per ``key`` (model id, the
+    rows' fingerprint, ...), cached in ``cache_file``, else ``$GRIT_ACCURACY_CACHE``, else
+    ``<cache_dir>/base_accuracy.json``."""
+    from .files import atomic_write_text
     from .models import cache_dir
 
     path = Path(cache_file or os.environ.get("GRIT_ACCURACY_CACHE") or cache_dir() / "base_accuracy.json")
@@ -137,11 +248,8 @@ def base_accuracy_cached(model, tokenizer, rows: Sequence[dict], template: str, 
         return {**cache[k], "cached": True}
     with base_model_view(model):
         result = accuracy(model, tokenizer, rows, template, batch_size=batch_size)
-    cache[k] = {"exact_match": result["exact_match"], "n": result["n"]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache, indent=2))
-    tmp.replace(path)
+    cache[k] = {"exact_match": result["exact_match"], "n": result["n"], "per_family": result["per_family"]}
+    atomic_write_text(path, json.dumps(cache, indent=2))
     return {**cache[k], "cached": False}
 
 

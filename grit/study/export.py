@@ -31,13 +31,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import ALPACA_HEADER, IGNORE_INDEX, format_prompt, merged_instruction
+from .data import ALPACA_HEADER, IGNORE_INDEX, format_prompt
+from .files import atomic_path, atomic_write_text
 from .merge import MergeError, base_model_folder, merge_lora
 from .models import fix_bytelevel_tokenizer
 
 OUTTYPES = ("q8_0", "f16", "bf16")
 TEMPLATES = ("alpaca", "chat")
-_GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
 
 class ExportError(RuntimeError):
@@ -98,57 +98,6 @@ def ollama_template_for(tokenizer, template: str) -> tuple[str, str | None]:
     if "{{" in before + after or '"""' in before + after:
         raise ExportError("the chat template's text contains '{{' or '\"\"\"', which a Modelfile TEMPLATE cannot hold")
     return before + "{{ .Prompt }}" + after + "{{ .Response }}", None
-
-
-def render_go_template(template: str, values: dict, *, generation: bool = True) -> str:
-    """Render the Go-template subset the Modelfiles here use: ``{{ .Name }}``, ``{{ if .Name }}``,
-    ``{{ else }}``, ``{{ end }}`` and ``{{-``/``-}}`` trimming. Missing or empty values are false.
-
-    ``generation=True`` does what Ollama does for the turn being generated: everything from
-    ``{{ .Response }}`` on is dropped. Any other action raises, so a template outside the subset
-    cannot pass a check by accident.
-    """
-    tokens, pos = [], 0
-    for m in _GO_ACTION.finditer(template):
-        tokens.append(("text", template[pos:m.start()]))
-        tokens.append(("action", m.group(2), m.group(1) == "-", m.group(3) == "-"))
-        pos = m.end()
-    tokens.append(("text", template[pos:]))
-    for i, tok in enumerate(tokens):  # Go trims all whitespace next to a "{{-" or "-}}" marker
-        if tok[0] == "action":
-            if tok[2] and tokens[i - 1][0] == "text":
-                tokens[i - 1] = ("text", tokens[i - 1][1].rstrip(" \t\r\n"))
-            if tok[3] and tokens[i + 1][0] == "text":
-                tokens[i + 1] = ("text", tokens[i + 1][1].lstrip(" \t\r\n"))
-    out, stack = [], []  # stack of (branch taken, in else) for nested ifs
-
-    def active() -> bool:
-        return all(taken != in_else for taken, in_else in stack)
-
-    for tok in tokens:
-        if tok[0] == "text":
-            if active():
-                out.append(tok[1])
-            continue
-        action = tok[1]
-        if m := re.fullmatch(r"if \.(\w+)", action):
-            stack.append((bool(values.get(m[1])), False))
-        elif action == "else":
-            if not stack or stack[-1][1]:
-                raise ValueError("{{ else }} without an open {{ if }}")
-            stack[-1] = (stack[-1][0], True)
-        elif action == "end":
-            if not stack:
-                raise ValueError("{{ end }} without an open {{ if }}")
-            stack.pop()
-        elif m := re.fullmatch(r"\.(\w+)", action):
-            if m[1] == "Response" and generation:
-                break
-            if active():
-                out.append(str(values.get(m[1]) or ""))
-        else:
-            raise ValueError(f"Go template action {{{{ {action} }}}} is outside the supported subset")
-    return "".join(out)
 
 
 def stop_tokens(tokenizer, merged_dir: Path | None = None) -> list[str]:
@@ -262,29 +211,20 @@ def export_gguf(adapter, base_model_id: str, output_dir: str | os.PathLike, *, t
     stops = stop_tokens(tokenizer, merged)
 
     t0 = time.perf_counter()
-    partial = out / f".{gguf_path.name}.partial-{os.getpid()}"
-    try:
+    with atomic_path(gguf_path) as partial:
         cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(merged), "--outfile", str(partial),
                "--outtype", outtype, "--model-name", model_name]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the merged folder is local; never wait on a network
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-        if proc.returncode != 0 or not partial.is_file():
+        if proc.returncode != 0 or not partial.is_file() or partial.stat().st_size == 0:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
             raise ExportError(f"convert_hf_to_gguf failed (exit {proc.returncode}) on {merged}:\n{tail}\n"
                               "Check that convert-hf-to-gguf is installed and supports this architecture.")
         _check_gguf(partial, jinja, tokenizer.eos_token_id)
-        os.replace(partial, gguf_path)
-    finally:
-        partial.unlink(missing_ok=True)
     seconds["convert"] = time.perf_counter() - t0
 
     go_template, system = ollama_template_for(tokenizer, template)
-    probe = {"instruction": "Check {{ braces }}, \"quotes\" and\nnewlines.", "input": "x y"}
-    expected = format_prompt(probe, tokenizer, template)
-    got = render_go_template(go_template, {"System": system, "Prompt": merged_instruction(probe)})
-    if got != expected:
-        raise ExportError(f"internal error: the Modelfile TEMPLATE renders {got!r}, training used {expected!r}")
-    _write_atomically(modelfile, modelfile_text(gguf_path.name, go_template, system, stops))
+    atomic_write_text(modelfile, modelfile_text(gguf_path.name, go_template, system, stops))
     return ExportResult(out, merged, gguf_path, modelfile, outtype, template, stops, seconds)
 
 
@@ -297,17 +237,6 @@ def _check_gguf(path: Path, chat_template: str, eos_token_id: int) -> None:
     if got_template != chat_template or got_eos != eos_token_id:
         raise ExportError(f"the converter wrote chat template {str(got_template)[:60]!r}... and EOS id {got_eos}; "
                           f"expected the training template and EOS id {eos_token_id}")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def ollama_commands(result: ExportResult, name: str, test_prompt: str) -> list[list[str]]:
@@ -392,4 +321,4 @@ def eval_loss_gguf(gguf_path: str | os.PathLike, examples: list[dict]) -> dict:
 
 __all__ = ["ExportError", "ExportResult", "MergeError", "export_gguf", "deploy_ollama", "eval_loss_hf",
            "eval_loss_gguf", "load_gguf", "gguf_logits", "chat_template_for", "ollama_template_for",
-           "render_go_template", "parse_modelfile", "stop_tokens", "ALPACA_CHAT_TEMPLATE", "ALPACA_OLLAMA_TEMPLATE"]
+           "parse_modelfile", "stop_tokens", "ALPACA_CHAT_TEMPLATE", "ALPACA_OLLAMA_TEMPLATE"]

@@ -20,24 +20,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
-BASELINE, GRIT, COMPARE = "01_baseline_qlora_unsloth", "02_pure_grit", "03_compare"
+COMPARE = "03_compare"
 
-# The published GRIT inverts every 50 steps (GRITConfig's default). The CPU study runs 60 steps, so at 50
-# only 11 steps would be preconditioned; every 10 steps gives 51 and costs next to nothing (r x r factors).
-GRIT_SETTINGS = {"KFAC_UPDATE_FREQ": 10}
+# Which notebook runs each arm, and the arms of each job: both from the registry (grit.study.registry).
+STUDY_ARMS = ("baseline", "grit", "control")
 
-STUDY = [
-    (BASELINE, "01_baseline", {"EXPORT": True}),
-    (GRIT, "02_grit", {"EXPORT": True, **GRIT_SETTINGS}),
-    (GRIT, "02_control", {"EXPORT": True, "PRECONDITION": False}),
-]
-ABLATIONS = [
-    (GRIT, "02_ng_only", {**GRIT_SETTINGS, "LAMBDA_KFAC": 0.0, "LAMBDA_REPROJ": 0.0}),
-    (GRIT, "02_reg_only", {**GRIT_SETTINGS, "PRECONDITION": False, "LAMBDA_KFAC": 1e-5, "LAMBDA_REPROJ": 1e-4}),
-    (GRIT, "02_reference", {**GRIT_SETTINGS, "PAIRING": "reference"}),
-    (GRIT, "02_padding_artifact", {**GRIT_SETTINGS, "LOSS_ON_PADDING": True}),
-    (GRIT, "02_no_grafting", {**GRIT_SETTINGS, "GRAFTING": False}),
-]
+
+def _jobs(names) -> list[tuple[str, str, dict]]:
+    from .registry import get_arm
+
+    out = []
+    for name in names:
+        spec = get_arm(name)
+        out.append((spec.notebook, f"{spec.notebook[:2]}_{name}", {"ARM": name}))
+    return out
+
+
+def study_jobs() -> list[tuple[str, str, dict]]:
+    return [(nb, out, {**params, "EXPORT": True}) for nb, out, params in _jobs(STUDY_ARMS)]
+
+
+def ablation_jobs() -> list[tuple[str, str, dict]]:
+    from .registry import arms_in
+
+    # The baseline's padding artifact needs Unsloth's own collator path; the GRIT-side one shows the effect.
+    return _jobs(a.name for a in arms_in("ablation") if a.stack == "hf+peft")
+
+
 # README sections 03's tables are copied into, per job; ablations get their own figures folder.
 MARKERS = {"study": ("<!-- results:start -->", "<!-- results:end -->"),
            "ablations": ("<!-- ablations:start -->", "<!-- ablations:end -->")}
@@ -83,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     notebook_dir.mkdir(parents=True, exist_ok=True)
     common = {"LOGDIR": args.logdir}
     t0 = time.time()
-    for notebook, name, params in STUDY if args.job == "study" else ABLATIONS:
+    for notebook, name, params in study_jobs() if args.job == "study" else ablation_jobs():
         execute(notebook, name, {**common, **params}, notebook_dir)
     figures = Path(args.figures) if args.job == "study" else Path(args.figures) / "ablations"
-    execute(COMPARE, f"03_compare_{args.job}", {**common, "PRESET": preset, "OUTPUT_DIR": str(figures)}, notebook_dir)
+    execute(COMPARE, f"03_compare_{args.job}", {**common, "PRESET": preset, "FIGURES_DIR": str(figures)}, notebook_dir)
     include_results(REPO / "README.md", figures / "results.md", *MARKERS[args.job])
     print(f"[study] {args.job} on preset {preset}: {time.time() - t0:.0f} s in all", flush=True)
     return 0

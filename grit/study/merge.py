@@ -23,10 +23,13 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from peft.utils.other import get_pattern_key
+
+from .files import atomic_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,14 +66,6 @@ class LoraDelta:
     def shape(self) -> tuple[int, int]:
         out, inp = self.B.shape[0], self.A.shape[1]
         return (inp, out) if self.fan_in_fan_out else (out, inp)
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    # PEFT's rule (peft.utils.other.get_pattern_key): a key matches a module name that ends with it.
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def read_adapter(adapter_dir: str | os.PathLike, adapter_name: str | None = None) -> tuple[dict[str, LoraDelta], dict]:
@@ -128,7 +123,9 @@ def read_adapter(adapter_dir: str | os.PathLike, adapter_name: str | None = None
         r = ab["A"].shape[0]
         if ab["B"].shape[1] != r:
             raise MergeError(f"{folder}: module {module} has lora_A rank {r} but lora_B rank {ab['B'].shape[1]}")
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+        alpha_pattern = config.get("alpha_pattern") or {}
+        # PEFT's own lookup: a pattern key matches a module name that ends with it.
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         deltas[f"{module}.weight"] = LoraDelta(ab["A"], ab["B"], float(scale), bool(config.get("fan_in_fan_out")))
     return deltas, config
@@ -253,8 +250,7 @@ def merge_lora(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_
     base, out = Path(base_dir), Path(out_dir)
     deltas, _ = read_adapter(adapter_dir, adapter_name)
     where = _check_base(base, deltas)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_path(out, directory=True) as tmp:
         total = 0
         for shard in _shards(base):
             total += _merge_shard(base / shard, tmp / shard, {n: d for n, d in deltas.items() if where[n] == shard})
@@ -267,18 +263,5 @@ def merge_lora(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_
                 shutil.copy(p, tmp / p.name)
         if finish is not None:
             finish(tmp)
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
-def _replace(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an old ``target`` is moved aside first and deleted after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

@@ -19,9 +19,9 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from .files import atomic_path
 from .presets import Preset, torch_dtype
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,19 +47,12 @@ def _smollm2_gguf_dir() -> Path:
 
 
 def _build_atomically(target: Path, build) -> Path:
-    """Run ``build(tmp_folder)`` and rename the folder to ``target`` only once it is complete."""
+    """Run ``build(tmp_folder)`` and rename the folder to ``target`` only once it is complete; a cache
+    another process finished first is kept."""
     if target.is_dir():
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_path(target, directory=True, replace=False) as tmp:
         build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: theirs is as good as ours
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

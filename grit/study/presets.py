@@ -32,7 +32,8 @@ class Preset:
     compute_dtype: str = field(
         default="bfloat16",
         metadata={"help": "bnb compute dtype and LoRA dtype: 'bfloat16', 'float16' or 'float32'. CPU presets use "
-                  "float32 because bf16 is slow on CPUs without AMX; GPUs without bf16 fall back to float16."})
+                  "float32 because bf16 is slow on CPUs without AMX; GPUs without native bf16 (compute "
+                  "capability < 8.0, e.g. T4) get float16 in every arm (resolve_preset decides it)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha; the adapter scale is alpha/r (or alpha/sqrt(r) with rsLoRA)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -50,7 +51,12 @@ class Preset:
         default="adamw_8bit",
         metadata={"help": "HF optimizer name, the same in every arm on a device. On CPU Unsloth replaces adamw_8bit "
                   "by adamw_torch_fused, so CPU presets name that directly."})
-    seed: int = field(default=3407, metadata={"help": "Seed for LoRA init, data order and dropout."})
+    seed: int = field(default=3407, metadata={"help": "Training seed: LoRA init, data order and dropout only. The "
+                                                    "same seed gives every arm the same init and order."})
+    data_seed: int = field(
+        default=3407,
+        metadata={"help": "Data seed, fixed and separate from the training seed: draws the synthetic rows and the "
+                  "train / val / test split once, so every training seed sees the same three splits."})
     max_seq_length: int = field(default=2048, metadata={"help": "Sequences are truncated to this many tokens."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
     data: str = field(
@@ -58,10 +64,19 @@ class Preset:
         metadata={"help": "Data source: 'hub:<dataset id>', 'synthetic', or a path to .json/.jsonl/.csv Alpaca rows. "
                   "Only 'hub:' sources touch the network."})
     num_examples: int = field(default=0, metadata={"help": "Rows drawn from the source before the split; 0 = all (synthetic: how many to generate)."})
-    val_size: int = field(default=200, metadata={"help": "Rows in the validation split (same rows, same order, every arm)."})
+    val_size: int = field(default=200, metadata={"help": "Rows in the validation split (choosing hyperparameters; same rows, same order, every arm)."})
+    test_size: int = field(default=0, metadata={"help": "Rows in the test split (reported, never used to choose); 0 = no test split."})
     template: str = field(default="alpaca", metadata={"help": "'alpaca' (the seed baseline's prompt) or 'chat' (the tokenizer's chat template)."})
     eval_steps: int = field(default=50, metadata={"help": "Evaluate on the validation split every this many steps."})
     logging_steps: int = field(default=1, metadata={"help": "Log train/loss every this many steps."})
+    save_steps: int = field(
+        default=0,
+        metadata={"help": "Write a resumable checkpoint (Trainer, GRIT state, the run's record) every this many "
+                  "steps; 0 = none. A run resumes with RESUME_FROM_CHECKPOINT=<output dir>/checkpoint-<step>."})
+    kfac_update_freq: int = field(
+        default=50,
+        metadata={"help": "GRIT arms update and invert their factors every this many steps. It belongs to the run "
+                  "length: the published 50 of 200 steps; a 60-step preset at 50 would precondition 11 steps."})
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation batch."})
 
 
@@ -77,6 +92,7 @@ LLAMA3_8B = Preset(
     data="hub:vicgalle/alpaca-gpt4",
     val_size=200,
     eval_steps=25,
+    kfac_update_freq=50,
 )
 
 # CPU default. Budget (2-core machine, issue "Paired notebooks"): the study runs three arms plus
@@ -101,10 +117,15 @@ SMOLLM2_135M = Preset(
     learning_rate=2e-4,
     max_seq_length=128,
     data="synthetic",
+    # 8 families: val 16 and test 32 prompts per family; the 1,616 training rows cover 200 steps x 8
+    # sequences (tier 3) without repeating a row.
     num_examples=2000,
-    val_size=64,
+    val_size=128,
+    test_size=256,
     eval_steps=20,
     eval_batch_size=16,
+    # 10 of 60 steps: 51 steps preconditioned; the r x r factors cost next to nothing to invert.
+    kfac_update_freq=10,
 )
 
 # Tests: a random tiny Llama with SmolLM2's real tokenizer, built locally in seconds. lora_alpha != r
@@ -125,10 +146,12 @@ TINY = Preset(
     max_seq_length=96,
     gradient_checkpointing=False,
     data="synthetic",
-    num_examples=96,
+    num_examples=128,
     val_size=16,
+    test_size=16,
     eval_steps=2,
     eval_batch_size=8,
+    kfac_update_freq=2,
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (LLAMA3_8B, SMOLLM2_135M, TINY)}
@@ -168,11 +191,30 @@ def _parse_env(name: str, raw: str, current: Any) -> Any:
     return raw
 
 
+def cuda_bf16_native() -> bool | None:
+    """Whether the first CUDA device computes bf16 natively (compute capability >= 8.0); None without CUDA.
+
+    ``torch.cuda.is_bf16_supported()`` counts emulation by default and says True on a T4 (sm75), where
+    Unsloth (which checks the capability) switches to fp16: asking the capability keeps every arm on
+    the same precision.
+    """
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(0) >= (8, 0)
+
+
 def resolve_preset(name: str | None = None, **overrides: Any) -> Preset:
     """Return the preset ``name`` (or ``GRIT_PRESET``, or the auto choice) with overrides applied.
 
     Overrides whose value is ``None`` count as not given, so notebook parameters can default to
     ``None`` and fall through to the environment and then to the preset.
+
+    Precision is decided here, once, for every arm: a bfloat16 CUDA preset on a GPU without native bf16
+    (compute capability < 8.0: T4, V100) computes in float16, as Unsloth would decide for the baseline.
     """
     chosen = name or os.environ.get("GRIT_PRESET") or auto_preset_name()
     if chosen not in PRESETS:
@@ -192,6 +234,8 @@ def resolve_preset(name: str | None = None, **overrides: Any) -> Preset:
         elif (raw := os.environ.get(f"GRIT_{f.name.upper()}")) is not None:
             changes[f.name] = _parse_env(f.name, raw, getattr(base, f.name))
     preset = dataclasses.replace(base, **changes)
+    if preset.device == "cuda" and preset.compute_dtype == "bfloat16" and cuda_bf16_native() is False:
+        preset = dataclasses.replace(preset, compute_dtype="float16")
     _validate(preset)
     return preset
 
@@ -202,11 +246,12 @@ def _validate(p: Preset) -> None:
     if p.template not in ("alpaca", "chat"):
         raise ValueError(f"template must be 'alpaca' or 'chat', got {p.template!r}")
     for name in ("lora_r", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
-                 "max_seq_length", "eval_steps", "eval_batch_size"):
+                 "max_seq_length", "eval_steps", "eval_batch_size", "kfac_update_freq"):
         if getattr(p, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(p, name)}")
-    if p.val_size < 0:
-        raise ValueError(f"val_size must be >= 0, got {p.val_size}")
+    for name in ("val_size", "test_size"):
+        if getattr(p, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(p, name)}")
 
 
 def torch_dtype(p: Preset):

@@ -40,8 +40,11 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-IGNORE_INDEX = -100
-SUMMARY_NAME = "run_summary.json"
+from .data import IGNORE_INDEX, scored_positions
+from .files import SUMMARY_NAME, atomic_write_text
+
+RECORDER_STATE_NAME = "grit_recorder.json"
+
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "unsloth",
             "unsloth_zoo", "grit-study", "tensorboard")
 
@@ -77,8 +80,10 @@ def hardware() -> dict[str, Any]:
                             "python": sys.version.split()[0], "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
+        capability = torch.cuda.get_device_capability(0)
+        # Native bf16 only (what resolve_preset decides by); is_bf16_supported() would count emulation.
         info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
-                    bf16=torch.cuda.is_bf16_supported())
+                    compute_capability=f"{capability[0]}.{capability[1]}", bf16=capability >= (8, 0))
     return info
 
 
@@ -101,11 +106,6 @@ def batch_digest(h, input_ids, labels) -> None:
         t = t.detach().to("cpu", dtype=torch.int64).contiguous()
         h.update(repr(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
-
-
-def response_token_count(labels) -> int:
-    """Tokens a causal LM is scored on: labels after the one-position shift that are not -100."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class RunRecorder(TrainerCallback):
@@ -163,26 +163,46 @@ class RunRecorder(TrainerCallback):
 
     def _reset_step(self) -> None:
         self._hash = hashlib.sha256()
-        self._loss_sum = 0.0
-        self._loss_tokens = 0
-        self._num_items = None
+        self._micro: list = []  # per micro-batch device scalars, read once at the step's end (one sync per step)
         self._step_start = None
 
     def _record_micro_batch(self, trainer, inputs, loss, outputs, num_items_in_batch) -> None:
-        n = response_token_count(inputs["labels"])
+        import torch
+
+        labels = inputs["labels"]
         task = outputs["loss"] if isinstance(outputs, dict) and outputs.get("loss") is not None else loss
-        task = float(task.detach().float())
         # transformers divides by num_items_in_batch (the step's token count) when the model takes loss
         # kwargs; otherwise the model returns the micro-batch mean.
-        if getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None:
-            self._num_items = int(num_items_in_batch)
-            self._loss_sum += task * self._num_items
-        else:
-            self._loss_sum += task * n
-        self._loss_tokens += n
-        self.response_tokens += int((inputs["labels"] != IGNORE_INDEX).sum())
+        weighted = getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
         mask = inputs.get("attention_mask")
-        self.total_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        scored = scored_positions(labels).sum()
+        self._micro.append(torch.stack([
+            task.detach().double().to(labels.device),
+            torch.as_tensor(num_items_in_batch, device=labels.device).double() if weighted else torch.tensor(
+                -1.0, dtype=torch.float64, device=labels.device),
+            scored.double(), (labels != IGNORE_INDEX).sum().double(),
+            mask.sum().double() if mask is not None else torch.tensor(float(inputs["input_ids"].numel()),
+                                                                        dtype=torch.float64, device=labels.device)]))
+
+    def _read_step(self) -> tuple[float, int, int | None]:
+        """(token-weighted train loss, scored response tokens, the trainer's num_items_in_batch or None) of the
+        step's micro-batches, summed in their order in float64 as the loss weighting needs."""
+        import torch
+
+        loss_sum, tokens, num_items = 0.0, 0, None
+        if not self._micro:
+            return 0.0, 0, None
+        for task, items, scored, response, attended in torch.stack(self._micro).cpu().tolist():
+            scored, items = int(scored), int(items)
+            if items >= 0:
+                num_items = items
+                loss_sum += task * items
+            else:
+                loss_sum += task * scored
+            tokens += scored
+            self.response_tokens += int(response)
+            self.total_tokens += int(attended)
+        return loss_sum / max(tokens, 1), tokens, num_items
 
     # -------------------------------------------------------------- callback events
 
@@ -210,17 +230,17 @@ class RunRecorder(TrainerCallback):
         cpu = time.process_time() - self._step_cpu_start
         self.step_cpu_times.append(cpu)
         self.writer.add_scalar("train/step_cpu_s", cpu, step)
-        if self._num_items is not None and self._num_items != self._loss_tokens:
+        loss, tokens, num_items = self._read_step()
+        if num_items is not None and num_items != tokens:
             # The trainer's own count disagrees with ours: the loss would be mis-weighted, say so.
             self.num_items_mismatches += 1
-        loss = self._loss_sum / max(self._loss_tokens, 1)
         self.step_hashes.append(self._hash.hexdigest()[:16])
         self.train_losses.append(loss)
         self.step_times.append(elapsed)
         self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar("train/step_time_s", elapsed, step)
         self.writer.add_scalar("train/peak_memory_mb", peak_memory_mb(), step)
-        self.writer.add_scalar("train/response_tokens", self._loss_tokens, step)
+        self.writer.add_scalar("train/response_tokens", tokens, step)
         if step % self.eval_steps == 0 or step >= state.max_steps:
             self._run_eval(model, step)
 
@@ -237,6 +257,43 @@ class RunRecorder(TrainerCallback):
                 self.writer.add_scalar("train/learning_rate", value, step)
             elif key.startswith("grit/"):
                 self.writer.add_scalar(key, value, step)
+
+    # -------------------------------------------------------------- checkpoints
+
+    STATE_FIELDS = ("step_hashes", "train_losses", "step_times", "step_cpu_times", "eval_seconds", "response_tokens",
+                    "total_tokens", "num_items_mismatches", "eval_tokens")
+
+    def on_save(self, args, state, control, **kwargs):
+        """Next to the Trainer's checkpoint: everything this recorder has measured so far, so a run resumed
+        from it (``resume_from_checkpoint``) continues the same run directory and summary."""
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            record = {k: getattr(self, k) for k in self.STATE_FIELDS}
+            record.update(run_dir=str(self.run_dir), info=self.info,
+                          eval_losses={str(k): v for k, v in self.eval_losses.items()})
+            atomic_write_text(folder / RECORDER_STATE_NAME, json.dumps(record, default=str))
+
+    @staticmethod
+    def saved_run_dir(checkpoint_dir: str | os.PathLike) -> Path:
+        """The run directory a checkpoint's recorder wrote to."""
+        return Path(RunRecorder._saved_state(checkpoint_dir)["run_dir"])
+
+    @staticmethod
+    def _saved_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+        path = Path(checkpoint_dir) / RECORDER_STATE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: this checkpoint was not written by a RunRecorder run "
+                                    "(or predates checkpoints in the study); start a fresh run instead")
+        return json.loads(path.read_text())
+
+    def restore(self, checkpoint_dir: str | os.PathLike) -> None:
+        """Take up a run from its checkpoint: the steps measured before it are kept, the rest appended."""
+        saved = self._saved_state(checkpoint_dir)
+        for k in self.STATE_FIELDS:
+            setattr(self, k, saved[k])
+        self.eval_losses = {int(k): v for k, v in saved["eval_losses"].items()}
+        self.info = {**saved["info"], **{k: v for k, v in self.info.items() if k not in saved["info"]}}
+        self.info.setdefault("resumed_from", []).append(str(checkpoint_dir))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.info["train_runtime_s"] = time.time() - self._t0
@@ -297,18 +354,23 @@ class RunRecorder(TrainerCallback):
 
     def write_summary(self) -> Path:
         self.writer.flush()
-        path = self.run_dir / SUMMARY_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=2, default=str))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(self.run_dir / SUMMARY_NAME, json.dumps(self.summary(), indent=2, default=str))
 
     def close(self) -> None:
         self.writer.close()
 
 
-def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(run_dir) / SUMMARY_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the run did not finish, or this is not a run directory")
-    return json.loads(path.read_text())
+class SummaryFile:
+    """A finished run's ``run_summary.json`` opened for adding figures (a later evaluation), with the
+    ``info`` / ``update`` interface of ``RunRecorder``."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        path = self.run_dir / SUMMARY_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: the run did not finish")
+        self.info = json.loads(path.read_text())
+
+    def update(self, **extra: Any) -> None:
+        self.info.update(extra)
+        atomic_write_text(self.run_dir / SUMMARY_NAME, json.dumps(self.info, indent=2, default=str))

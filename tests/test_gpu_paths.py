@@ -1,0 +1,138 @@
+"""The CUDA path, simulated on the CPU: conditions a GPU run meets that a CPU run never would.
+
+* precision: a T4 (sm75) reports ``torch.cuda.is_bf16_supported() == True`` because that call counts
+  emulation, while Unsloth decides by compute capability; every arm must land on the same dtype;
+* padding: Unsloth's ``fix_pad_token`` gives a Llama-3 tokenizer a pad token other than EOS, and the
+  batch hashes cover padded positions; every arm must pad alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from grit.study import arms
+from grit.study.presets import resolve_preset
+from grit.study.runs import batch_digest, hardware
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pretend_cuda(monkeypatch, capability):
+    """A CUDA device of ``capability`` as torch's queries describe it; is_bf16_supported() says True on
+    every card, as the pinned torch does by default (it counts emulation)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    name = {(7, 5): "Tesla T4", (8, 0): "NVIDIA A100-SXM4-40GB"}[capability]
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(name=name, total_memory=16 * 2**30))
+
+
+class _StopAtLoad(Exception):
+    pass
+
+
+def _baseline_dtype(monkeypatch, preset, tmp_path):
+    """The dtype run_baseline hands to Unsloth's FastLanguageModel.from_pretrained (which would download
+    the 8B checkpoint, so a stand-in records the call and stops the run there)."""
+    seen = {}
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kwargs):
+            seen.update(kwargs)
+            raise _StopAtLoad
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel))
+    with pytest.raises(_StopAtLoad):
+        arms.run_baseline(preset, logdir=str(tmp_path / "logs"), output_dir=str(tmp_path / "out"), train=False)
+    return seen["dtype"]
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 5), "float16"), ((8, 0), "bfloat16")])
+def test_one_precision_for_every_arm_from_compute_capability(monkeypatch, tmp_path, capability, dtype):
+    _pretend_cuda(monkeypatch, capability)
+    preset = arms.study_preset("llama3-8b")
+    assert preset.compute_dtype == dtype
+    flags = arms.training_arguments(preset, str(tmp_path))
+    assert (flags["bf16"], flags["fp16"]) == (dtype == "bfloat16", dtype == "float16")
+    facts = hardware()
+    assert facts["bf16"] is (dtype == "bfloat16")
+    assert facts["compute_capability"] == f"{capability[0]}.{capability[1]}"
+    assert _baseline_dtype(monkeypatch, preset, tmp_path) == getattr(torch, dtype)
+    # An explicit float32 is the user's choice and stays.
+    assert resolve_preset("llama3-8b", compute_dtype="float32").compute_dtype == "float32"
+
+
+def _step_hashes(trainer, steps: int, accumulation: int) -> list[str]:
+    """The recorder's step hash over the batches the trainer's own dataloader yields."""
+    it = iter(trainer.get_train_dataloader())
+    out = []
+    for _ in range(steps):
+        h = hashlib.sha256()
+        for _ in range(accumulation):
+            batch = next(it)
+            batch_digest(h, batch["input_ids"], batch["labels"])
+        out.append(h.hexdigest()[:16])
+    return out
+
+
+# Runs in its own interpreter: importing Unsloth patches transformers for the rest of a process.
+_BASELINE = """
+import json, sys
+import unsloth
+from unsloth import FastLanguageModel
+
+load = FastLanguageModel.from_pretrained
+
+def load_with_fixed_pad(*args, **kwargs):
+    model, tokenizer = load(*args, **kwargs)
+    # What unsloth_zoo's fix_pad_token does to a Llama-3 tokenizer whose pad is EOS: another token.
+    tokenizer.pad_token = "<|endoftext|>"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    return model, tokenizer
+
+FastLanguageModel.from_pretrained = staticmethod(load_with_fixed_pad)
+sys.path.insert(0, sys.argv[2])
+from test_gpu_paths import _step_hashes
+from grit.study import arms
+preset = arms.study_preset("tiny")
+res = arms.run_baseline(preset, logdir=sys.argv[1] + "/logs", output_dir=sys.argv[1] + "/out", train=False)
+print("HASHES " + json.dumps({"pad": res.tokenizer.pad_token_id,
+      "hashes": _step_hashes(res.trainer, preset.max_steps, preset.gradient_accumulation_steps)}))
+"""
+
+
+@pytest.mark.slow
+def test_baseline_pads_like_the_hf_arms_when_unsloth_changes_the_pad_token(tmp_path):
+    env = {**os.environ, "UNSLOTH_SKIP_TORCHVISION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _BASELINE, str(tmp_path), str(ROOT / "tests")], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    baseline = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("HASHES "))[7:])
+
+    preset = arms.study_preset("tiny")
+    res = arms.run_hf(preset, "control", logdir=str(tmp_path / "logs"),
+                      output_dir=str(tmp_path / "out"), train=False)
+    assert baseline["pad"] != res.tokenizer.pad_token_id  # the condition under test really holds
+    hf = _step_hashes(res.trainer, preset.max_steps, preset.gradient_accumulation_steps)
+    assert baseline["hashes"] == hf
+
+    # The hash still sees every token: one changed response token in step 1 changes its hash.
+    batches = iter(res.trainer.get_train_dataloader())
+    first = [next(batches) for _ in range(preset.gradient_accumulation_steps)]
+    row, col = (first[0]["labels"] != -100).nonzero()[0].tolist()
+    first[0]["input_ids"][row, col] += 1
+    h = hashlib.sha256()
+    for batch in first:
+        batch_digest(h, batch["input_ids"], batch["labels"])
+    assert h.hexdigest()[:16] != hf[0]

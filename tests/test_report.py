@@ -1,0 +1,120 @@
+"""grit.study.report on a synthetic sweep whose effects are known by construction."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from grit.study import report, stats
+
+FAMILIES = ("json_pair", "arith", "reverse", "sort")
+
+
+def _png_size(path):
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def _predictions(rng, p):
+    return [{"id": f"{f}-{i}", "family": f, "correct": bool(rng.random() < p)} for f in FAMILIES for i in range(32)]
+
+
+def _run(rng, arm, lr, seed, *, tier, steps=60, final=None, offset=0.0, evaluated=None):
+    """A record with a val curve from 2.5 (base model) down to ``final``; evaluated runs (tiers 2/3 by
+    default, and the tier-1 run reused as a seed) get test metrics."""
+    eval_steps = range(0, steps + 1, 25 if steps > 60 else 20)
+    final = 1.2 + offset + rng.normal(0, 0.01) if final is None else final
+    curve = {s: 2.5 - (2.5 - final) * s / steps for s in eval_steps}
+    curve[steps] = final
+    rec = {"arm": arm, "learning_rate": lr, "seed": seed, "max_steps": steps, "tier": tier, "val_loss": final,
+           "val_loss_curve": {str(k): v for k, v in curve.items()},  # JSON keys, as run_summary.json has them
+           "test_loss": None, "exact_match": None, "exact_match_by_family": {}, "predictions": None,
+           "retention_kl": 0.05 + 0.1 * (2.5 - final) if tier == 1 else None, "drift": None,
+           "median_s_per_step": 0.5, "batch_hashes": ["ignored"]}
+    if tier > 1 if evaluated is None else evaluated:
+        preds = _predictions(rng, 0.5 - offset)
+        rec.update(test_loss=final + 0.02, exact_match=float(np.mean([p["correct"] for p in preds])),
+                   exact_match_by_family={f: float(np.mean([p["correct"] for p in preds if p["family"] == f]))
+                                          for f in FAMILIES},
+                   predictions=preds, retention_kl=0.2 + offset + rng.normal(0, 0.005), drift=3.0 + rng.normal(0, 0.1))
+    return rec
+
+
+def _sweep():
+    rng = np.random.default_rng(0)
+    recs = []
+    # tier 1: control best in the middle; grit best at the high edge. The run at the chosen rate is
+    # evaluated on test and reused as seed 0 of tier 2.
+    for arm, losses, chosen, off in (("control", (1.4, 1.2, 1.3), 2e-4, 0.0), ("grit", (1.5, 1.4, 1.3), 8e-4, 0.1)):
+        for lr, v in zip((5e-5, 2e-4, 8e-4), losses):
+            recs.append(_run(rng, arm, lr, 0, tier=1, final=v, offset=off, evaluated=lr == chosen))
+    # tier 2: seeds 1-4 at the chosen rates; grit is clearly worse on loss by construction (+0.1)
+    ctrl = {s: 1.2 + 0.05 * s for s in range(1, 5)}
+    for s in range(1, 5):
+        recs.append(_run(rng, "control", 2e-4, s, tier=2, final=ctrl[s]))
+        recs.append(_run(rng, "grit", 8e-4, s, tier=2, final=ctrl[s] + 0.1 + rng.normal(0, 0.003), offset=0.1))
+    recs.append(_run(rng, "grit_published", 2e-5, 1, tier=2, offset=0.2))
+    # tier 3: 200 steps, 3 seeds
+    for s in range(1, 4):
+        recs.append(_run(rng, "control", 2e-4, s, tier=3, steps=200, final=1.0 + 0.05 * s))
+        recs.append(_run(rng, "grit", 8e-4, s, tier=3, steps=200, final=1.0 + 0.05 * s + rng.normal(0, 0.05)))
+    return recs
+
+
+def _table_after(md, heading, intro):
+    """The rows (as lists of cells) of the first table after ``intro`` inside section ``heading``."""
+    section = md.split(heading, 1)[1]
+    lines = (section.split(intro, 1)[1] if intro else section).strip().splitlines()
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_write_report_writes_plots_and_the_right_rows(tmp_path):
+    recs = _sweep()
+    md = report.write_report(recs, tmp_path / "figs", learning_rates={"control": 2e-4, "grit": 8e-4},
+                             n_boot=500)
+    for name in report.PLOTS:
+        w, h = _png_size(tmp_path / "figs" / name)
+        assert w > 300 and h > 200
+        assert f"({tmp_path / 'figs' / name})" in md
+
+    summary60 = _table_after(md, "### 60 steps", "Per arm, mean ± sd over seeds (sd with n − 1):")
+    assert [r[0] for r in summary60] == ["control", "grit", "grit_published"]
+    assert [r[2] for r in summary60] == ["5", "5", "1"]  # seed 0 is the evaluated tier-1 run
+    ctrl_mean = np.mean([r["test_loss"] for r in recs if r["arm"] == "control" and r["test_loss"] and r["max_steps"] == 60])
+    ctrl_sd = np.std([r["test_loss"] for r in recs if r["arm"] == "control" and r["test_loss"] and r["max_steps"] == 60],
+                     ddof=1)
+    assert summary60[0][3] == f"{ctrl_mean:.4f} ± {ctrl_sd:.4f}"
+
+    comps60 = _table_after(md, "### 60 steps", "Each arm vs control:")
+    keyed = {(r[0], r[1], r[2]): r for r in comps60}
+    primary = keyed[("grit", "test loss (primary)", "paired t over seeds")]
+    assert primary[7] == "**worse**" and "(95%)" in primary[5]
+    assert keyed[("grit_published", "test loss", "paired t over seeds")][7] == "descriptive"
+    assert ("grit", "exact match", "paired bootstrap over prompts") in keyed
+    # secondary family at 60 steps: grit x {exact match, retention KL, drift} = 3 -> 98.33% intervals
+    assert "(98.33%)" in keyed[("grit", "retention KL", "paired t over seeds")][5]
+
+    comps200 = _table_after(md, "### 200 steps", "Each arm vs control:")
+    assert {r[1] for r in comps200 if r[0] == "grit"} >= {"test loss"}  # no primary at 200 steps
+    assert not any("primary" in r[1] for r in comps200)
+
+    tuning = _table_after(md, "### Tuning (tier 1, final val loss)", "")
+    assert [(r[0], r[2], r[3]) for r in tuning] == [("control", "0.0002", "–"), ("grit", "0.0008", "high edge: add 0.0032")]
+
+
+def test_the_report_numbers_are_the_stats_numbers(tmp_path):
+    recs = _sweep()
+    md = report.write_report(recs, tmp_path, learning_rates={"control": 2e-4, "grit": 8e-4}, n_boot=500)
+    by_seed = lambda arm: {r["seed"]: r["test_loss"] for r in recs
+                           if r["arm"] == arm and r["max_steps"] == 60 and r["test_loss"] is not None}
+    d = stats.paired_difference(by_seed("grit"), by_seed("control"))
+    row = next(r for r in _table_after(md, "### 60 steps", "Each arm vs control:") if r[1] == "test loss (primary)")
+    assert row[4] == f"{d.mean:+.4g}" and row[5] == f"[{d.lower:+.4g}, {d.upper:+.4g}] (95%)"
+    assert row[6] == f"{d.p:.3g}"
