@@ -118,3 +118,13 @@ def test_the_report_numbers_are_the_stats_numbers(tmp_path):
     row = next(r for r in _table_after(md, "### 60 steps", "Each arm vs control:") if r[1] == "test loss (primary)")
     assert row[4] == f"{d.mean:+.4g}" and row[5] == f"[{d.lower:+.4g}, {d.upper:+.4g}] (95%)"
     assert row[6] == f"{d.p:.3g}"
+
+
+def test_a_sweep_with_only_tuning_runs_reports_no_verdict_and_its_tuning(tmp_path):
+    rng = np.random.default_rng(1)
+    recs = [_run(rng, "control", lr, 0, tier=1, final=v) for lr, v in zip((5e-5, 2e-4, 8e-4), (1.4, 1.2, 1.3))]
+    md = report.write_report(recs, tmp_path)
+    assert "No verdict yet" in md and "| better |" not in md and "| worse |" not in md
+    assert "Each arm vs control" not in md  # no comparison table without test losses
+    assert "Tuning (tier 1" in md and (tmp_path / "lr_sweep.png").is_file()
+    assert not (tmp_path / "val_loss_by_step.png").exists()

@@ -66,15 +66,19 @@ def execute(notebook: str, output_name: str, parameters: dict, notebook_dir: Pat
     return seconds
 
 
-def include_results(readme: Path, results: Path, start: str = RESULTS_START, end: str = RESULTS_END) -> None:
-    """Replace README's section between ``start`` and ``end`` with 03's table, so README shows what the logs hold."""
-    text = readme.read_text(encoding="utf-8")
-    if start not in text or end not in text:
-        raise RuntimeError(f"{readme} lacks the {start} / {end} markers around its results section")
-    head, rest = text.split(start, 1)
+def include_text(readme: Path, text: str, start: str, end: str) -> None:
+    """Replace README's section between ``start`` and ``end`` with ``text``, so README shows what the logs hold."""
+    old = readme.read_text(encoding="utf-8")
+    if start not in old or end not in old:
+        raise RuntimeError(f"{readme} lacks the {start} / {end} markers around the section to rewrite")
+    head, rest = old.split(start, 1)
     _, tail = rest.split(end, 1)
-    table = results.read_text(encoding="utf-8").strip()
-    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}", encoding="utf-8")
+    readme.write_text(f"{head}{start}\n{text.strip()}\n{end}{tail}", encoding="utf-8")
+
+
+def include_results(readme: Path, results: Path, start: str = RESULTS_START, end: str = RESULTS_END) -> None:
+    """03's results table into README between the job's markers."""
+    include_text(readme, results.read_text(encoding="utf-8"), start, end)
 
 
 def main(argv: list[str] | None = None) -> int:

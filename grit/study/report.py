@@ -250,8 +250,6 @@ def write_report(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLik
     prefix = str(out_dir) if image_prefix is None else image_prefix
     order = _arm_order(recs, reference, primary_arm, arm_order)
     lengths = sorted({r["max_steps"] for r in recs if r["test_loss"] is not None})
-    if not lengths:
-        raise ValueError("no run has a test loss: evaluate the tier-2 runs before writing the report")
     groups = [final_runs(recs, max_steps=s, learning_rates=learning_rates) for s in lengths]
     if primary_steps is None:
         both = [g.max_steps for g in groups if {reference, primary_arm} <= set(g.by_arm)]
@@ -267,6 +265,9 @@ def write_report(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLik
           "difference the design detects with 80% power at the row's level (noncentral t, observed sd). "
           "Bootstrap rows resample test prompts (same prompts for both arms, pooled over shared seeds, "
           "stratified by family); their MDE is the normal approximation from the bootstrap se.", ""]
+    if not groups:  # tuning only so far: say so rather than print an empty verdict
+        md += ["**No verdict yet**: no run has been evaluated on the test split (tier 2 has not run). "
+               "What follows is the tuning so far.", ""]
     for g in groups:
         primary = (primary_arm, "test_loss") if g.max_steps == primary_steps else None
         comps = compare_to_control(recs, reference=reference, primary=primary, metrics=METRICS,
@@ -284,7 +285,8 @@ def write_report(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLik
     choices = choose_learning_rates(recs, [a for a in order if a in tuned]) if tuned else {}
     if choices:
         md += ["### Tuning (tier 1, final val loss)", ""] + tuning_markdown(choices) + [""]
-    paths.append(plot_val_curves(groups, order, out / PLOTS[0]))
+    if groups:
+        paths.append(plot_val_curves(groups, order, out / PLOTS[0]))
     if choices:
         paths.append(plot_lr_sweep(choices, order, out / PLOTS[1]))
     else:

@@ -278,6 +278,29 @@ def run_one(run: PlannedRun, preset_name: str, logdir: Path, adapters: Path, eva
                                "adapter_dir": str(adapter_dir)})
 
 
+# ----------------------------------------------------------------------------- report
+
+VERDICT_MARKERS = ("<!-- verdict:start -->", "<!-- verdict:end -->")
+
+
+def write_verdict(logdir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """The verdict table and plots from the finished sweep runs under ``logdir`` (grit.study.report), written
+    to ``out_dir`` (plots + ``verdict.md``); returns the Markdown. ``03_compare`` and ``--report`` call this."""
+    from .files import atomic_write_text
+    from .report import write_report
+
+    records = finished_records(Path(logdir))
+    if not records:
+        raise FileNotFoundError(f"no finished sweep runs under {logdir}; run `make sweep` first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Only evaluated (arm, rate) pairs at each arm's chosen rate enter the comparison; tuning runs feed the
+    # learning-rate plot and the frontier.
+    md = write_report(records, out, image_prefix=str(out).rstrip("/") + "/")
+    atomic_write_text(out / "verdict.md", md)
+    return md
+
+
 # ----------------------------------------------------------------------------- driver
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimate only")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
     parser.add_argument("--only", default=None, help="comma-separated run names (arm/lr..._seed..._steps..) to run")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="write the verdict (plots + verdict.md) from the finished runs into DIR and splice it "
+                        "into README.md between the verdict markers; trains nothing")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: one run, JSON-encoded
     parser.add_argument("--evaluate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -297,6 +323,13 @@ def main(argv: list[str] | None = None) -> int:
 
     preset_name = args.preset or resolve_preset().name
     logdir, adapters = Path(args.logdir), Path(args.adapters)
+    if args.report is not None:
+        from .main import REPO, include_text
+
+        md = write_verdict(logdir, args.report)
+        include_text(REPO / "README.md", md, *VERDICT_MARKERS)
+        print(md)
+        return 0
     if args.one is not None:
         run_one(PlannedRun(**json.loads(args.one)), preset_name, logdir, adapters, args.evaluate_only)
         return 0
