@@ -51,13 +51,22 @@ def study_preset(name: str | None = None, **overrides: Any) -> Preset:
 
 
 def grit_config(preset: Preset, spec: ArmSpec):
-    """The arm's ``GRITConfig``: the registry's settings over the preset's rank and update frequency;
-    None for an arm without GRIT (no GRIT object is built at all)."""
+    """The arm's ``GRITConfig``: the registry's settings over the preset's rank and factor update frequency;
+    None for an arm without GRIT (no GRIT object is built at all). An arm that reprojects does so at the
+    published 50 of 200 steps scaled to the run length, every max(1, max_steps // 4) steps (15 of 60)."""
     if spec.grit is None:
         return None
     from grit import GRITConfig
 
-    return GRITConfig(**{"lora_rank": preset.lora_r, "kfac_update_freq": preset.kfac_update_freq, **spec.grit})
+    scheduled = {"lora_rank": preset.lora_r, "kfac_update_freq": preset.kfac_update_freq}
+    if spec.grit.get("enable_reprojection"):
+        scheduled["reprojection_freq"] = reprojection_freq(preset.max_steps)
+    return GRITConfig(**{**scheduled, **spec.grit})
+
+
+def reprojection_freq(max_steps: int) -> int:
+    """The published reprojection schedule (every 50 of 200 steps) scaled to ``max_steps``."""
+    return max(1, max_steps // 4)
 
 
 # ----------------------------------------------------------------------------- shared pieces

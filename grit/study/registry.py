@@ -41,13 +41,15 @@ class ArmSpec:
     grit: dict | None = field(
         default=None,
         metadata={"help": "GRITConfig fields over its defaults; None builds no GRIT object at all. lora_rank and "
-                  "kfac_update_freq come from the preset (GRIT's update frequency belongs to the run length)."})
+                  "kfac_update_freq come from the preset; an arm that reprojects does so every max_steps // 4 "
+                  "steps (grit.study.arms.grit_config): GRIT's frequencies belong to the run length."})
     peer: str | None = field(
         default=None,
         metadata={"help": f"A PEFT optimizer factory ({PEERS}) wrapped around the control's exact optimizer class."})
     peer_args: dict = field(default_factory=dict, metadata={"help": "Keyword arguments of the peer factory."})
     loss_on_padding: bool = field(default=False, metadata={"help": "The published padding artifact (never a default)."})
-    group: str = field(default="study", metadata={"help": "'study' (make study), 'sweep', or 'ablation'."})
+    group: str = field(default="study", metadata={"help": "'study' (make study), 'sweep', 'ablation', or 'claims' "
+                                                          "(issue 12: GRIT's parameter and drift claims)."})
 
     def __post_init__(self):
         if self.stack not in STACKS:
@@ -98,6 +100,11 @@ _ARMS = [
             group="ablation"),
     ArmSpec("padding_artifact_baseline", "the baseline trained as the published GRIT pipeline padded",
             stack="unsloth+trl", notebook="01_baseline_qlora_unsloth", loss_on_padding=True, group="ablation"),
+    # control_rk (LoRA trained with rank_pattern = grit_full's k) is not static: its ranks come from a
+    # trained grit_full run, so it is built from that run, not listed here.
+    ArmSpec("grit_full", "the grit arm plus the published reprojection A <- P_A A, B <- B P_B every "
+            "max_steps // 4 steps, the published 50 of 200 (rank adaptation on: energy-rank projectors)",
+            grit={"enable_reprojection": True}, group="claims"),
 ]
 ARMS: dict[str, ArmSpec] = {a.name: a for a in _ARMS}
 

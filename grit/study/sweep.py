@@ -82,7 +82,11 @@ def run_dir(logdir: Path, run: PlannedRun) -> Path:
 
 
 def definition(run: PlannedRun, preset_name: str) -> dict[str, Any]:
-    """What makes a run the same run: a finished summary with an equal definition is skipped."""
+    """What makes a run the same run: a finished summary with an equal definition is skipped.
+
+    Strict on purpose: every preset field and the arm's whole registry entry. A new Preset field, or an
+    edited arm, makes every finished run 'stale' (it is trained again), so such a change must be decided
+    before a sweep, never during one."""
     from .registry import get_arm
 
     preset = _preset(preset_name, run)
