@@ -257,7 +257,8 @@ def write_report(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLik
 
     md = ["## Verdict", "",
           f"Differences are arm − {reference}, paired by training seed (same LoRA init and data order). "
-          f"The primary comparison is {primary_arm} vs {reference} on test loss at {primary_steps} steps, "
+          f"The primary comparison is {primary_arm} vs {reference} on test loss at "
+          f"{f'{primary_steps} steps' if primary_steps else 'the tier-2 length (none evaluated yet)'}, "
           "with an uncorrected 95% t-interval. Every other row of a table is in one family per run length: "
           "p is Holm-adjusted and the interval is a Bonferroni (1 − 0.05/m) t-interval. The verdict is "
           "computed: better/worse only when the interval excludes 0 (lower is better for loss, KL and drift; "

@@ -363,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[sweep] stopping after {done_runs} run(s) (--max-runs)", flush=True)
             return 0
         run = todo[0]
-        evaluate_only = states[run.name] == "needs_test"
+        # A tier-1 run reused as a seed is evaluated from its saved adapter; adapters are not committed
+        # (outputs/), so on another checkout it is trained again instead, from the same seed and code.
+        evaluate_only = states[run.name] == "needs_test" and (adapters / run.name / "adapter").is_dir()
         print(f"[sweep] {'evaluating' if evaluate_only else 'running'} {run.describe()}", flush=True)
         cmd = [sys.executable, "-m", "grit.study.sweep", "--one", json.dumps(asdict(run)), "--logdir", str(logdir),
                "--adapters", str(adapters), "--preset", preset_name] + (["--evaluate-only"] if evaluate_only else [])
