@@ -255,7 +255,7 @@ def write_report(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLik
         both = [g.max_steps for g in groups if {reference, primary_arm} <= set(g.by_arm)]
         primary_steps = both[0] if both else None
 
-    md = ["## Verdict", "",
+    md = ["### Verdict, computed from the sweep logs", "",
           f"Differences are arm − {reference}, paired by training seed (same LoRA init and data order). "
           f"The primary comparison is {primary_arm} vs {reference} on test loss at "
           f"{f'{primary_steps} steps' if primary_steps else 'the tier-2 length (none evaluated yet)'}, "
