@@ -119,6 +119,9 @@ class ArmResult:
     run_dir: Path
     grit_manager: Any = None
     export_result: Any = None
+    # The tokenizer the data was tokenized and padded with (load_tokenizer(preset.model_id)); ``tokenizer``
+    # is the stack's own (Unsloth's on the baseline), used for decoding.
+    shared_tokenizer: Any = None
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -170,12 +173,11 @@ GENERATION_BATCH = 64
 def retention_figures(res: ArmResult) -> dict[str, Any]:
     """Retention KL(base || tuned) on the fixed texts sampled once from the untuned 4-bit base, and the
     drift sum of ||s B A||_F (grit.study.retention); cheap enough for every run, tuning runs included."""
-    from .models import load_tokenizer
     from .retention import retention_summary
 
     p = res.preset
     model_id = res.recorder.info["model_id"]
-    return retention_summary(res.model, load_tokenizer(p.model_id), model_id=model_id, template=p.template,
+    return retention_summary(res.model, res.shared_tokenizer, model_id=model_id, template=p.template,
                              key_extra={"load_in_4bit": p.load_in_4bit, "compute_dtype": p.compute_dtype},
                              batch_size=p.eval_batch_size)
 
@@ -187,12 +189,11 @@ def final_evaluation(res: ArmResult, *, accuracy: bool | None = None) -> dict[st
     drift. Without a test split (test_size 0) the validation split stands in and the summary says so."""
     from .evaluate import accuracy as tuned_accuracy, base_accuracy_cached, eval_loss, write_predictions
     from .files import PREDICTIONS_NAME
-    from .models import load_tokenizer
 
     p, data = res.preset, res.data
     split = "test" if data.test else "val"
     examples, rows = (data.test, data.test_rows) if split == "test" else (data.val, data.val_rows)
-    pad = load_tokenizer(p.model_id).pad_token_id
+    pad = res.shared_tokenizer.pad_token_id
     loss, tokens = eval_loss(res.model, examples, pad, p.eval_batch_size)
     extra: dict[str, Any] = {"final_split": split, "test_loss": loss, "test_tokens": tokens}
     if accuracy is None:
@@ -247,7 +248,8 @@ def reload_arm(preset: Preset, spec: ArmSpec, adapter_dir: str | Path, run_dir: 
     if recorder.info.get("train_fingerprint") != data.train_fingerprint:
         raise ValueError(f"{run_dir} was trained on other data (train fingerprint "
                          f"{recorder.info.get('train_fingerprint')} != {data.train_fingerprint})")
-    return ArmResult(spec.name, preset, model, tokenizer, None, recorder, data, Path(run_dir))
+    return ArmResult(spec.name, preset, model, tokenizer, None, recorder, data, Path(run_dir),
+                     shared_tokenizer=tokenizer)
 
 
 def export_figures(res: ArmResult) -> dict[str, Any]:
@@ -352,7 +354,8 @@ def run_baseline(preset: Preset, arm: ArmSpec | str = "baseline", *, logdir: str
     recorder.attach(trainer)
     if train:
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    return ArmResult(spec.name, preset, model, tokenizer, trainer, recorder, data, run_dir)
+    return ArmResult(spec.name, preset, model, tokenizer, trainer, recorder, data, run_dir,
+                     shared_tokenizer=shared_tokenizer)
 
 
 def peer_optimizer(spec: ArmSpec, args, model):
@@ -413,4 +416,5 @@ def run_hf(preset: Preset, arm: ArmSpec | str = "grit", *, logdir: str = DEFAULT
     if train:
         # GritTrainer restores the GRIT state (grit_state.pt) from the same checkpoint.
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    return ArmResult(spec.name, preset, model, tokenizer, trainer, recorder, data, recorder.run_dir, manager)
+    return ArmResult(spec.name, preset, model, tokenizer, trainer, recorder, data, recorder.run_dir, manager,
+                     shared_tokenizer=tokenizer)

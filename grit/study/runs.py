@@ -184,9 +184,10 @@ class RunRecorder(TrainerCallback):
             mask.sum().double() if mask is not None else torch.tensor(float(inputs["input_ids"].numel()),
                                                                         dtype=torch.float64, device=labels.device)]))
 
-    def _read_step(self) -> tuple[float, int, int | None]:
+    def _close_step(self) -> tuple[float, int, int | None]:
         """(token-weighted train loss, scored response tokens, the trainer's num_items_in_batch or None) of the
-        step's micro-batches, summed in their order in float64 as the loss weighting needs."""
+        step's micro-batches, summed in their order in float64 as the loss weighting needs; adds the step's
+        token counts to the run totals."""
         import torch
 
         loss_sum, tokens, num_items = 0.0, 0, None
@@ -230,7 +231,7 @@ class RunRecorder(TrainerCallback):
         cpu = time.process_time() - self._step_cpu_start
         self.step_cpu_times.append(cpu)
         self.writer.add_scalar("train/step_cpu_s", cpu, step)
-        loss, tokens, num_items = self._read_step()
+        loss, tokens, num_items = self._close_step()
         if num_items is not None and num_items != tokens:
             # The trainer's own count disagrees with ours: the loss would be mis-weighted, say so.
             self.num_items_mismatches += 1
