@@ -225,18 +225,17 @@ def finish(res: ArmResult, *, accuracy: bool | None = None, export: bool = False
     return res.summary
 
 
-def reload_arm(preset: Preset, spec: ArmSpec, adapter_dir: str | Path, run_dir: str | Path) -> ArmResult:
-    """A finished run's saved adapter on the same 4-bit base, for evaluating it later (the sweep's tier-1
-    runs reused as a seed of tier 2); its figures are added to the run's existing summary."""
+def load_saved_adapter(preset: Preset, spec: ArmSpec, adapter_dir: str | Path) -> ArmResult:
+    """A saved adapter folder loaded with plain PEFT (``PeftModel.from_pretrained``) on a fresh 4-bit base,
+    prepared as the trained model was, with the preset's data; no trainer and no recorder."""
     from peft import PeftModel, prepare_model_for_kbit_training
 
     from .models import load_base_model
-    from .runs import SummaryFile
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} holds no saved adapter; the run must be trained again (delete "
-                                f"{run_dir} and rerun)")
+        raise FileNotFoundError(f"{adapter_dir} holds no saved adapter; the run that wrote it must be trained "
+                                "again (delete its run directory and rerun)")
     tokenizer = load_tokenizer(preset.model_id)
     data = study_data(preset, tokenizer)
     base_id = preset.baseline_model_id if spec.stack == "unsloth+trl" else preset.model_id
@@ -244,12 +243,20 @@ def reload_arm(preset: Preset, spec: ArmSpec, adapter_dir: str | Path, run_dir: 
     if preset.load_in_4bit:  # the same preparation the trained model had (norms in fp32, input grads)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    return ArmResult(spec.name, preset, model, tokenizer, None, None, data, adapter_dir, shared_tokenizer=tokenizer)
+
+
+def reload_arm(preset: Preset, spec: ArmSpec, adapter_dir: str | Path, run_dir: str | Path) -> ArmResult:
+    """A finished run's saved adapter on the same 4-bit base, for evaluating it later (the sweep's tier-1
+    runs reused as a seed of tier 2); its figures are added to the run's existing summary."""
+    from .runs import SummaryFile
+
+    res = load_saved_adapter(preset, spec, adapter_dir)
     recorder = SummaryFile(Path(run_dir))
-    if recorder.info.get("train_fingerprint") != data.train_fingerprint:
+    if recorder.info.get("train_fingerprint") != res.data.train_fingerprint:
         raise ValueError(f"{run_dir} was trained on other data (train fingerprint "
-                         f"{recorder.info.get('train_fingerprint')} != {data.train_fingerprint})")
-    return ArmResult(spec.name, preset, model, tokenizer, None, recorder, data, Path(run_dir),
-                     shared_tokenizer=tokenizer)
+                         f"{recorder.info.get('train_fingerprint')} != {res.data.train_fingerprint})")
+    return dataclasses.replace(res, recorder=recorder, run_dir=Path(run_dir))
 
 
 def export_figures(res: ArmResult) -> dict[str, Any]:
@@ -377,9 +384,11 @@ def peer_optimizer(spec: ArmSpec, args, model):
 
 def run_hf(preset: Preset, arm: ArmSpec | str = "grit", *, logdir: str = DEFAULT_LOGDIR,
            output_dir: str = DEFAULT_OUTPUT_DIR, run_name: str | None = None, train: bool = True,
-           resume_from_checkpoint: str | None = None) -> ArmResult:
+           resume_from_checkpoint: str | None = None, rank_pattern: dict[str, int] | None = None) -> ArmResult:
     """02: HF 4-bit model + ``prepare_model_for_kbit_training`` + ``get_peft_model``, then, as the arm says,
-    ``GRITManager`` + ``GritTrainer``, or the plain ``Trainer`` (the control; a peer's PEFT optimizer)."""
+    ``GRITManager`` + ``GritTrainer``, or the plain ``Trainer`` (the control; a peer's PEFT optimizer).
+    ``rank_pattern``: LoraConfig.rank_pattern (per-module ranks; the sweep's ``control_rk``), recorded in
+    the run summary."""
     from transformers import Trainer, TrainingArguments
 
     from .models import load_peft_model
@@ -389,7 +398,7 @@ def run_hf(preset: Preset, arm: ArmSpec | str = "grit", *, logdir: str = DEFAULT
         raise ValueError(f"arm {spec.name} runs on the {spec.stack} stack: use run_baseline (notebook {spec.notebook})")
     tokenizer = load_tokenizer(preset.model_id)
     data = study_data(preset, tokenizer)
-    model = load_peft_model(preset)
+    model = load_peft_model(preset, rank_pattern=rank_pattern)
     # An arm without GRIT builds no GRIT object at all: nothing of GRIT can touch its run.
     config = grit_config(preset, spec)
     manager = None
@@ -398,6 +407,8 @@ def run_hf(preset: Preset, arm: ArmSpec | str = "grit", *, logdir: str = DEFAULT
 
         manager = GRITManager(model, config)
     grit_info = {"grit_config": config.to_dict()} if config is not None else {}
+    if rank_pattern:
+        grit_info["rank_pattern"] = dict(rank_pattern)
     recorder = _recorder(preset, spec, data, model, tokenizer, logdir, model_id=preset.model_id, run_name=run_name,
                          grit_manager=manager, extra=grit_info, resume_from=resume_from_checkpoint)
     args = TrainingArguments(**training_arguments(preset, str(Path(output_dir) / recorder.run_dir.name),

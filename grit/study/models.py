@@ -210,15 +210,18 @@ def disable_bnb_cpu_weight_packing(model) -> int:
     return changed
 
 
-def lora_config(preset: Preset):
+def lora_config(preset: Preset, rank_pattern: dict[str, int] | None = None):
+    """The preset's LoraConfig; ``rank_pattern`` (PEFT's: module pattern -> rank) gives modules their own
+    rank, with the preset's lora_alpha (PEFT's scale is then alpha / k per module)."""
     from peft import LoraConfig
 
     return LoraConfig(r=preset.lora_r, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
                       bias="none", target_modules=list(preset.lora_targets), task_type="CAUSAL_LM",
-                      use_rslora=preset.use_rslora)
+                      use_rslora=preset.use_rslora, rank_pattern=dict(rank_pattern or {}))
 
 
-def load_peft_model(preset: Preset, model_id: str | None = None, adapter_name: str = "default"):
+def load_peft_model(preset: Preset, model_id: str | None = None, adapter_name: str = "default",
+                    rank_pattern: dict[str, int] | None = None):
     """Base model + ``prepare_model_for_kbit_training`` + ``get_peft_model``, as the GRIT notebook builds it.
 
     The LoRA init is seeded with ``preset.seed`` so every HF arm starts from the same adapters.
@@ -235,4 +238,4 @@ def load_peft_model(preset: Preset, model_id: str | None = None, adapter_name: s
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     torch.manual_seed(preset.seed)
-    return get_peft_model(model, lora_config(preset), adapter_name=adapter_name)
+    return get_peft_model(model, lora_config(preset, rank_pattern), adapter_name=adapter_name)

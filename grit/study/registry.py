@@ -26,6 +26,8 @@ SGD_MOMENTUM = 0.9
 # The published GRIT code's own settings that our GRITConfig departs from by default.
 PUBLISHED_GRIT = {"pairing": "reference", "grafting": False, "kfac_damping": 1e-3, "kfac_damping_mode": "absolute"}
 PUBLISHED_LAMBDAS = {"lambda_kfac": 1e-5, "lambda_reproj": 1e-4}
+# Issue 12's regularizer ablation: do the terms act at all at 100 and 10,000 times their published weights?
+REG_SCALES = (100, 10_000)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ _ARMS = [
     ArmSpec("grit_full", "the grit arm plus the published reprojection A <- P_A A, B <- B P_B every "
             "max_steps // 4 steps, the published 50 of 200 (rank adaptation on: energy-rank projectors)",
             grit={"enable_reprojection": True}, group="claims"),
+    ArmSpec("grit_ema", "the grit arm with stat_update='ema' (per-step decay) instead of the running mean",
+            grit={"stat_update": "ema"}, group="claims"),
+    *(ArmSpec(f"grit_reg_x{scale}", f"the grit arm with both regularizer weights x{scale:,} the published ones",
+              grit={k: v * scale for k, v in PUBLISHED_LAMBDAS.items()}, group="claims") for scale in REG_SCALES),
 ]
 ARMS: dict[str, ArmSpec] = {a.name: a for a in _ARMS}
 

@@ -16,6 +16,9 @@ Tiers (issue "A verdict with power"):
    ``grit_published`` at 1, ``loraplus`` at the control's rate. The tier-1 run is one of the seeds: its
    saved adapter is evaluated on the test split instead of retraining.
 3. Length: ``control`` and ``grit`` for ``TIER3_STEPS`` steps at 3 seeds, evaluated every 25 steps.
+4. GRIT's other claims (``grit.study.claims``): ``grit_full`` at 3 seeds, its adapter and the control's cut
+   to GRIT's ranks, ``control_rk``, and the one-seed regularizer and EMA runs. Reported apart from the
+   verdict (``--report`` writes both), so it never enters the verdict's multiple-comparison family.
 
 Every run lives in ``<logdir>/<arm>/lr<lr>_seed<seed>_steps<steps>/`` and runs in its own process
 (``python -m grit.study.sweep --one ...``). A run is done when its ``run_summary.json`` records the same
@@ -53,7 +56,8 @@ TIER2_SEEDS = {"control": 5, "grit": 5, "riemannian": 3, "control_sgd": 3, "grit
                "grit_published": 1}
 TIER3_ARMS, TIER3_SEEDS, TIER3_STEPS, TIER3_EVAL_STEPS = ("control", "grit"), 3, 200, 25
 # Seconds per run before any was measured (2-core CPU, smollm2-135m, 60 steps); measured ones replace them.
-DEFAULT_SECONDS = {"val": 420.0, "full": 600.0, "evaluate": 180.0, "long": 1500.0}
+DEFAULT_SECONDS = {"val": 420.0, "full": 600.0, "evaluate": 180.0, "long": 1500.0, "derived": 300.0}
+VERDICT_TIERS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class PlannedRun:
     steps: int
     evaluation: str            # "val" (tier 1) or "full"
     eval_steps: int | None = None
+    source: str | None = None      # tier 4, derived runs: the run whose saved adapter is cut
+    ranks_from: str | None = None  # tier 4: the grit_full run whose GRIT ranks are used
 
     @property
     def name(self) -> str:
@@ -87,12 +93,22 @@ def definition(run: PlannedRun, preset_name: str) -> dict[str, Any]:
     Strict on purpose: every preset field and the arm's whole registry entry. A new Preset field, or an
     edited arm, makes every finished run 'stale' (it is trained again), so such a change must be decided
     before a sweep, never during one."""
-    from .registry import get_arm
+    from . import claims
 
     preset = _preset(preset_name, run)
     fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(preset).items()}
-    return {"arm": get_arm(run.arm).to_dict(), "preset": fields, "learning_rate": run.learning_rate,
-            "seed": run.seed, "steps": run.steps}
+    return {"arm": arm_spec(run.arm).to_dict(), "preset": fields, "learning_rate": run.learning_rate,
+            "seed": run.seed, "steps": run.steps, **claims.definition_extra(run)}
+
+
+def arm_spec(arm: str):
+    """The registry's arm; tier 4's control_rk; for a derived (cut) run, the arm whose adapter it cuts."""
+    from . import claims
+    from .registry import get_arm
+
+    if arm == claims.CONTROL_RK:
+        return claims.control_rk_spec()
+    return get_arm(claims.DERIVED[arm].source_arm if arm in claims.DERIVED else arm)
 
 
 def _preset(preset_name: str, run: PlannedRun):
@@ -187,8 +203,8 @@ def _get(done: dict, lr: float) -> float:
     return next(v for k, v in done.items() if math.isclose(k, lr, rel_tol=1e-6))
 
 
-def plan(records: list[dict], steps: int, published_lr: float, tiers: Iterable[int] = (1, 2, 3)
-         ) -> tuple[list[PlannedRun], list[str]]:
+def plan(records: list[dict], steps: int, published_lr: float, tiers: Iterable[int] = (1, 2, 3),
+         adapters: Path | None = None) -> tuple[list[PlannedRun], list[str]]:
     """The runs the sweep needs, as far as the finished runs determine them, and notes on what is still open
     (tiers 2 and 3 need tier 1's chosen rates). ``published_lr``: the seed protocol's rate, at which
     ``grit_published`` (descriptive, one seed) runs the authors' recipe."""
@@ -213,6 +229,12 @@ def plan(records: list[dict], steps: int, published_lr: float, tiers: Iterable[i
         if 3 in tiers:
             out += [PlannedRun(3, arm, lr, BASE_SEED + k, TIER3_STEPS, "full", TIER3_EVAL_STEPS)
                     for k in range(TIER3_SEEDS)]
+    if 4 in tiers:
+        from .claims import tier4_plan
+
+        t4, n4 = tier4_plan(records, chosen, steps, Path(adapters or DEFAULT_ADAPTERS), PlannedRun, BASE_SEED)
+        out += t4
+        notes += n4
     return _merge_reused(out), notes
 
 
@@ -246,30 +268,35 @@ def estimate(runs: list[PlannedRun], states: dict[str, str], records: list[dict]
 
 
 def run_kind(run: PlannedRun) -> str:
-    return "long" if run.tier == 3 else run.evaluation
+    return "long" if run.tier == 3 else "derived" if run.source is not None else run.evaluation
 
 
 # ----------------------------------------------------------------------------- one run (child process)
 
 def run_one(run: PlannedRun, preset_name: str, logdir: Path, adapters: Path, evaluate_only: bool) -> None:
     """Train (or, ``evaluate_only``, reload the saved adapter) and evaluate one planned run."""
-    from . import arms
-    from .registry import get_arm
+    from . import arms, claims
 
     preset = _preset(preset_name, run)
-    spec = get_arm(run.arm)
+    spec = arm_spec(run.arm)
     target = run_dir(logdir, run)
     adapter_dir = adapters / run.name / "adapter"
     t0 = time.time()
+    trained = not evaluate_only and run.source is None
     if evaluate_only:
         res = arms.reload_arm(preset, spec, adapter_dir, target)
+    elif run.source is not None:  # tier 4: cut a finished run's adapter; nothing is trained
+        res = claims.run_truncated(run, preset, logdir, adapters)
     else:
         if target.exists():
             shutil.rmtree(target)  # an interrupted run: start it again from scratch
         target.parent.mkdir(parents=True, exist_ok=True)
         runner = arms.run_baseline if spec.stack == "unsloth+trl" else arms.run_hf
+        kwargs = {}
+        if run.ranks_from is not None:  # tier 4's control_rk
+            kwargs["rank_pattern"] = claims.peft_rank_pattern(claims.ranks_of(logdir, run.ranks_from))
         res = runner(preset, spec, logdir=str(logdir), output_dir=str(adapters / run.name / "trainer"),
-                     run_name=run.name)
+                     run_name=run.name, **kwargs)
         res.model.save_pretrained(str(adapter_dir))
     seconds = dict((read_summary(target) or {}).get("sweep", {}).get("seconds", {}))
     kind = "evaluate" if evaluate_only else run_kind(run)
@@ -277,6 +304,8 @@ def run_one(run: PlannedRun, preset_name: str, logdir: Path, adapters: Path, eva
         arms.final_evaluation(res)
     else:  # tuning runs: no decoding, no test split; retention and drift are cheap and feed the frontier plot
         res.recorder.update(**arms.retention_figures(res))
+    if trained:
+        res.recorder.update(**claims.training_figures(res, adapter_dir))
     seconds[kind] = round(time.time() - t0, 1)
     res.recorder.update(sweep={"tier": run.tier, "definition": definition(run, preset_name), "seconds": seconds,
                                "adapter_dir": str(adapter_dir)})
@@ -285,6 +314,7 @@ def run_one(run: PlannedRun, preset_name: str, logdir: Path, adapters: Path, eva
 # ----------------------------------------------------------------------------- report
 
 VERDICT_MARKERS = ("<!-- verdict:start -->", "<!-- verdict:end -->")
+CLAIMS_MARKERS = ("<!-- claims:start -->", "<!-- claims:end -->")
 
 
 def write_verdict(logdir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
@@ -293,7 +323,8 @@ def write_verdict(logdir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
     from .files import atomic_write_text
     from .report import write_report
 
-    records = finished_records(Path(logdir))
+    # Tier 4 answers other questions (grit.study.claims): its runs stay out of the verdict's comparisons.
+    records = [r for r in finished_records(Path(logdir)) if r["tier"] in VERDICT_TIERS]
     if not records:
         raise FileNotFoundError(f"no finished sweep runs under {logdir}; run `make sweep` first")
     out = Path(out_dir)
@@ -312,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", default=DEFAULT_LOGDIR)
     parser.add_argument("--adapters", default=DEFAULT_ADAPTERS, help="where adapters are kept (not committed)")
     parser.add_argument("--preset", default=None, help="preset name (default: GRIT_PRESET or the auto choice)")
-    parser.add_argument("--tiers", default="1,2,3", help="comma-separated tiers to run")
+    parser.add_argument("--tiers", default="1,2,3,4", help="comma-separated tiers to run")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimate only")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
     parser.add_argument("--only", default=None, help="comma-separated run names (arm/lr..._seed..._steps..) to run")
@@ -332,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
 
         md = write_verdict(logdir, args.report)
         include_text(REPO / "README.md", md, *VERDICT_MARKERS)
-        print(md)
+        claims_md = write_claims_report(logdir, args.report, preset_name)
+        include_text(REPO / "README.md", claims_md, *CLAIMS_MARKERS)
+        print(md + "\n" + claims_md)
         return 0
     if args.one is not None:
         run_one(PlannedRun(**json.loads(args.one)), preset_name, logdir, adapters, args.evaluate_only)
@@ -344,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     done_runs = 0
     while True:
         records = finished_records(logdir) if logdir.is_dir() else []
-        runs, notes = plan(records, steps, base.learning_rate, tiers)
+        runs, notes = plan(records, steps, base.learning_rate, tiers, adapters)
         if args.only:
             wanted = set(args.only.split(","))
             runs = [r for r in runs if r.name in wanted]
@@ -376,6 +409,23 @@ def main(argv: list[str] | None = None) -> int:
             return proc.returncode
         print(f"[sweep] finished in {time.time() - t0:.0f} s: {run.describe()}", flush=True)
         done_runs += 1
+
+
+def write_claims_report(logdir: str | os.PathLike, out_dir: str | os.PathLike, preset_name: str) -> str:
+    """README's "GRIT's claims" section (grit.study.claims) from the finished runs under ``logdir``, at the
+    learning rates tier 1 chose; its plot goes to ``out_dir``."""
+    from .claims import claim_records, write_claims
+    from .files import atomic_write_text
+    from .presets import resolve_preset
+
+    steps = resolve_preset(preset_name).max_steps
+    _, chosen = tier1_plan(finished_records(Path(logdir)), steps)
+    out = Path(out_dir)
+    md = write_claims(claim_records(Path(logdir)), out, chosen=chosen, steps=steps, base_seed=BASE_SEED,
+                      image_prefix=str(out).rstrip("/") + "/")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "claims.md", md)
+    return md
 
 
 if __name__ == "__main__":
