@@ -167,7 +167,8 @@ def grit_config(args, r: int):
     from grit import GRITConfig
 
     return GRITConfig(lora_rank=r, kfac_update_freq=args.kfac_update_freq, precondition=True,
-                      lambda_kfac=args.lambda_kfac, lambda_reproj=args.lambda_reproj)
+                      lambda_kfac=args.lambda_kfac, lambda_reproj=args.lambda_reproj,
+                      stat_micro_batch_stride=args.stat_stride)
 
 
 # ----------------------------------------------------------------------------- the clock inside GRIT
@@ -490,6 +491,8 @@ def main(argv=None) -> None:
     p.add_argument("--kfac-update-freq", type=int, default=5)
     p.add_argument("--lambda-kfac", type=float, default=1e-5)
     p.add_argument("--lambda-reproj", type=float, default=1e-4)
+    p.add_argument("--stat-stride", type=int, default=1, help="GRITConfig.stat_micro_batch_stride: statistics from "
+                   "every k-th micro-batch of a step (1 = every micro-batch, the default behaviour)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--lora-r", type=int, default=16, help="GPU mode: LoRA rank (CPU mode: the preset's)")

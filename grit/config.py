@@ -68,6 +68,13 @@ class GRITConfig:
         default=0.95,
         metadata={"help": "Decay d per optimizer step of stat_update='ema', in [0, 1): the statistics of a step k "
                   "steps old weigh d^k (0.95: a horizon of about 20 steps; 0: the last step alone)."})
+    stat_micro_batch_stride: int = field(
+        default=1,
+        metadata={"help": "Capture U and G on every k-th micro-batch of an optimizer step only (the 1st, (k+1)-th, "
+                  "...; counted from each manager.step()); 1 (default) captures every micro-batch. k > 1 cuts the "
+                  "statistics' hook and Gram time about k-fold for an estimate from fewer tokens (the same "
+                  "expectation: micro-batches are exchangeable); gradients, grafting and the regularizers still "
+                  "see every micro-batch. Measured in benchmarks/step_overhead.py (--stat-stride)."})
     pairing: str = field(
         default="kfac",
         metadata={"help": "'kfac': ∇A <- (G+λI)^-1 ∇A, ∇B <- ∇B (U+λI)^-1 (the Kronecker-factored Fisher). "
@@ -127,7 +134,7 @@ class GRITConfig:
             return ValueError(f"GRITConfig.{name}={getattr(self, name)!r}: {why}")
 
         int_minimum = {"kfac_update_freq": 1, "reprojection_freq": 1, "reprojection_k": 1, "min_lora_rank": 1,
-                       "kfac_min_samples": 0, "ng_warmup_steps": 0}
+                       "kfac_min_samples": 0, "ng_warmup_steps": 0, "stat_micro_batch_stride": 1}
         for name, minimum in int_minimum.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -10,7 +10,8 @@ queues (u, ĝ). So a position counts exactly when its backward runs:
 * non-reentrant checkpointing: only the original graph's hooks fire (the recomputed tensors are
   never backpropagated through);
 * evaluation / generation under no_grad: nothing is recorded;
-* gradient accumulation: every micro-batch's backward adds.
+* gradient accumulation: every micro-batch's backward adds (with ``stride`` k > 1 only every k-th
+  micro-batch of an optimizer step: the forward hooks of the others register nothing).
 
 The queue is flushed at the start of the model's next forward, by ``manager.step()``, and whenever
 the factor state reads its pending sums (``grit.factors.FactorState`` flushes its sources): modules
@@ -86,8 +87,14 @@ class StatCapture:
     # Largest stacked (k, N, r) block a flush materialises in fp32, in elements (16 MiB).
     CHUNK_ELEMENTS = 1 << 22
 
-    def __init__(self, model: torch.nn.Module, lora_As: list, sink):
-        self.masks = MaskTracker(model, on_forward=self.flush)
+    def __init__(self, model: torch.nn.Module, lora_As: list, sink, stride: int = 1):
+        self.masks = MaskTracker(model, on_forward=self._on_model_forward)
+        # Micro-batches (training forwards of the model) since the last new_step(); with stride k only those
+        # with index % k == 0 are captured. A backward's recomputed forwards (reentrant checkpointing) run
+        # after their own model forward and before the next, so they follow its decision.
+        self.stride = int(stride)
+        self._micro = 0
+        self._skip = False
         # fp16 loss scaling: a callable returning the current scale (a device tensor), or None. The
         # backward then carries ĝ times the scale, which is divided out before it enters G.
         self.loss_scale = None
@@ -100,9 +107,19 @@ class StatCapture:
             self.handles.append(lora_A.register_forward_hook(self._make_forward_hook(i)))
         sink.add_source(self)
 
+    def _on_model_forward(self) -> None:
+        self.flush()
+        if torch.is_grad_enabled():  # a training micro-batch (evaluation under no_grad is not counted)
+            self._skip = self._micro % self.stride != 0
+            self._micro += 1
+
+    def new_step(self) -> None:
+        """An optimizer step ended: the next micro-batch is the first of a step again."""
+        self._micro = 0
+
     def _make_forward_hook(self, i: int):
         def forward_hook(module, inputs, u):
-            if not (torch.is_grad_enabled() and isinstance(u, torch.Tensor) and u.requires_grad):
+            if self._skip or not (torch.is_grad_enabled() and isinstance(u, torch.Tensor) and u.requires_grad):
                 return
             keep = self.masks.keep_for(u)
             u_saved = u.detach()  # no reference cycle through u's own hook

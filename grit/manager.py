@@ -159,7 +159,8 @@ class GRITManager:
         self.factor_state = FactorState(specs, cfg)
         self._param_groups: list | None = None  # laid out at the first step (_layout)
         self._counters: list | None = None      # one _GroupCounters per factor group
-        self._capture = StatCapture(model, [m.lora_A for m in self._modules], self.factor_state)
+        self._capture = StatCapture(model, [m.lora_A for m in self._modules], self.factor_state,
+                                    stride=cfg.stat_micro_batch_stride)
 
         self.optimizer_steps = 0
         self.preconditioned_steps = 0
@@ -185,6 +186,7 @@ class GRITManager:
         # Hand the last micro-batch's statistics over now: under a GradScaler its loss scale is the one the
         # scaler's update() may change right after this step.
         self._capture.flush()
+        self._capture.new_step()
         self.optimizer_steps += 1
         n = self.optimizer_steps
         self.factor_state.end_step()

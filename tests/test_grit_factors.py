@@ -293,3 +293,31 @@ def test_factor_state_round_trip_and_refusal_of_other_modules():
     assert torch.equal(fs.groups[0].U, other.groups[0].U) and fs.module_factors()["m0"]["tokens"] == 10
     with pytest.raises(ValueError, match="other LoRA modules"):
         _state([2.0], [3]).load_state_dict(saved)
+
+
+def test_micro_batch_stride_captures_every_kth_micro_batch_of_each_step():
+    """stat_micro_batch_stride=2: the factors are the brute force of micro-batches 0, 2 of every step (the count
+    restarts at each manager.step()), while every micro-batch still reaches the gradients."""
+    model = tiny_lora_model(seed=4)
+    reference = copy.deepcopy(model)
+    brute = BruteForce(model)
+    manager = GRITManager(model, GRITConfig(**OBSERVE, stat_micro_batch_stride=2))
+    kept = {name: [] for name in brute.records}
+    for step, n_micro in enumerate((4, 3)):
+        micro = [batch(30 + 10 * step + m, pad_lengths=(m, 2, 0)) for m in range(n_micro)]
+        backward_micro_batches(model, micro, brute)
+        with torch.no_grad():  # an evaluation forward inside a step is not a micro-batch
+            model(**micro[0])
+        manager.step()
+        for name, recs in brute.records.items():
+            kept[name] += recs[0:n_micro:2]
+        backward_micro_batches(reference, micro)
+        brute.clear()
+    brute.records = kept
+    assert_factors_close(manager.factors(), brute.factors())
+    # The gradients are those of every micro-batch (precondition=False: the raw accumulated gradient).
+    for (_, p), (_, q) in zip(lora_pairs(model), lora_pairs(reference)):
+        assert torch.equal(p.lora_A["default"].weight.grad, q.lora_A["default"].weight.grad)
+    with pytest.raises(ValueError, match="stat_micro_batch_stride"):
+        GRITConfig(stat_micro_batch_stride=0)
+    manager.close()
