@@ -305,7 +305,8 @@ def claim_records(logdir: Path) -> list[dict[str, Any]]:
                     "retention_kl": s.get("retention_kl"), "drift": s.get("drift"),
                     "parameters": s.get("trainable_parameters"), "adapter_bytes": s.get("adapter_bytes"),
                     "truncation": s.get("truncation"), "projector_truncation": s.get("projector_truncation"),
-                    "parameter_curve": s.get("parameter_curve"), "grit_metrics": s.get("grit_metrics", {}),
+                    "parameter_curve": s.get("parameter_curve"), "source_test_loss": s.get("source_test_loss"),
+                    "grit_metrics": s.get("grit_metrics", {}),
                     "grit_config": s.get("grit_config"), "run_dir": str(f.parent)})
     return out
 
@@ -419,6 +420,8 @@ def plot_parameter_curve(records: Sequence[Mapping[str, Any]], path: Path) -> Pa
             src = DERIVED[r["arm"]].source_arm
             for p in r["parameter_curve"]:
                 curves.setdefault(src, {}).setdefault(p["k"], []).append((p["parameters"], p["test_loss"]))
+            if r.get("truncation") and r.get("source_test_loss") is not None:  # the uncut source, k = r
+                curves[src].setdefault(math.inf, []).append((r["truncation"]["full_parameters"], r["source_test_loss"]))
     if not curves:
         return None
     from .report import _plt
@@ -430,7 +433,9 @@ def plot_parameter_curve(records: Sequence[Mapping[str, Any]], path: Path) -> Pa
         x = [by_k[k][0][0] for k in ks]
         ys = [[v for _, v in by_k[k]] for k in ks]
         color = plt.get_cmap("tab10")(i)
-        ax.plot(x, [np.mean(y) for y in ys], marker="o", color=color, label=f"{src} cut to global k {ks}")
+        named = [k for k in ks if k != math.inf]
+        ax.plot(x, [np.mean(y) for y in ys], marker="o", color=color,
+                label=f"{src} cut to global k {named}" + (" and uncut" if math.inf in by_k else ""))
         ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=color, alpha=0.2)
         cut = [(r["truncation"]["parameters"], r["test_loss"]) for r in records
                if r["arm"] in DERIVED and DERIVED[r["arm"]].source_arm == src and r.get("truncation")]
