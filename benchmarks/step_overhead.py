@@ -193,8 +193,9 @@ class GritClock:
             fn = hooks[handle.id]
             hooks[handle.id] = self._with_tensor_hooks(self._timed("hooks", fn)) if handle is not capture.masks.handle \
                 else self._timed("hooks", fn)
+        # The mask tracker's pre-forward callback (StatCapture._on_model_forward: micro-batch count for
+        # stat_micro_batch_stride, then self.flush()) looks flush up on the instance: it now gets the timed one.
         capture.flush = self._timed("flush", capture.flush)
-        capture.masks._on_forward = capture.flush
         manager.step = self._timed("step", manager.step)
         manager.metrics = self._timed("metrics", manager.metrics)
         manager.counters = self._timed("metrics", manager.counters)
@@ -444,6 +445,8 @@ def run_interleaved(control: Arm, grit: Arm, step_batches, args, cuda: bool, res
            "peak_bytes": {a.name: max(a.peaks) for a in (control, grit)} if cuda else None,
            "timed_inversions": grit.manager.inversions - inv0,
            "timed_preconditioned": grit.manager.preconditioned_steps - pre0,
+           # A check that the statistics are what the config asks for: with stride k about 1/k of the tokens.
+           "stat_tokens_per_step": float(grit.manager.metrics()["grit/stat_tokens"]) / grit.manager.optimizer_steps,
            "grit_clock_pairs_s": clock_summary(grit.grit_times, args.bootstrap),
            "grit_clock_per_step_s": grit.grit_times}
     if cuda and args.clock_steps > 0:
@@ -473,6 +476,8 @@ def print_table(label: str, res: dict, mem: dict | None) -> None:
     print(f"time inside GRIT per step ({how}): {t['total']['mean'] * 1e3:.2f} ms [{t['total']['ci95'][0] * 1e3:.2f}, "
           f"{t['total']['ci95'][1] * 1e3:.2f}] = {t['total']['mean'] / c['mean'] * 100:.2f}% of a control step "
           f"({parts} ms)")
+    print(f"grit: statistics tokens per step {res['stat_tokens_per_step']:.1f} (stat_micro_batch_stride "
+          f"{res.get('stat_stride', 1)})")
     print(f"grit: {res['timed_preconditioned']}/{g['n']} timed steps preconditioned, {res['timed_inversions']} "
           f"inversions in the window")
 
@@ -535,6 +540,7 @@ def main(argv=None) -> None:
         control, grit, batches, desc = build_cpu_arms(args)
         step_batches = lambda i: batches[(i * args.accum) % len(batches):][:args.accum]  # noqa: E731
         res = run_interleaved(control, grit, step_batches, args, cuda=False)
+        res["stat_stride"] = args.stat_stride
         seq = max(int(b["input_ids"].shape[1]) for b in batches)
         label = (f"{desc}; padded length <= {seq}; {args.steps} timed steps per arm after {args.warmup} warm-up, "
                  f"interleaved; kfac_update_freq {args.kfac_update_freq}; peak = RSS high-water mark during "
