@@ -11,7 +11,8 @@ Runs, at the chosen rates (``grit``'s for the GRIT arms, ``control``'s for the c
 - ``grit_full_truncated`` / ``control_truncated`` (derived, nothing trained): the saved adapter of
   ``grit_full`` / of the tier-2 ``control`` at the same seed, cut by SVD (``grit.study.truncate``) to
   that seed's ``grit_full`` ranks, saved as a real PEFT adapter, loaded back with plain PEFT on a fresh
-  base and given the full evaluation. The same process measures the parameter curve: test loss of the
+  base and given the full evaluation. A source adapter not on disk (adapters are not committed) is trained
+  again from its seed first, and must reproduce the committed run's batch hashes and validation losses. The same process measures the parameter curve: test loss of the
   source cut to one global k for each k in ``CURVE_KS``.
 - ``control_rk``: LoRA trained from the start with ``rank_pattern`` = that seed's ``grit_full`` ranks
   (lora_alpha as the preset's, so PEFT's scale is alpha / k per module, PEFT's default; the control's
@@ -93,10 +94,7 @@ def tier4_plan(records: Sequence[Mapping[str, Any]], chosen: Mapping[str, float 
         for source, arm, lr in ((full, "grit_full_truncated", lr_g), (control, "control_truncated", lr_c)):
             if (source.arm, s, steps) not in finished:
                 notes.append(f"tier 4 {arm} seed {s}: once {source.name} is evaluated")
-            elif not (adapters / source.name / "adapter" / "adapter_config.json").is_file():
-                notes.append(f"tier 4 {arm} seed {s}: the adapter of {source.name} is not on disk (adapters are not "
-                             "committed); delete its run directory so that the sweep trains it again")
-            else:
+            else:  # a source adapter not on disk (adapters are not committed) is trained again first
                 out.append(planned_run(4, arm, lr, s, steps, "full", source=source.name, ranks_from=full.name))
         out.append(planned_run(4, CONTROL_RK, lr_c, s, steps, "full", ranks_from=full.name))
     out += [planned_run(4, arm, lr_g, base_seed, steps, "full") for arm in ONE_SEED_ARMS]
@@ -231,6 +229,8 @@ def run_truncated(run, preset, logdir: Path, adapters: Path) -> Any:
     ranks = ranks_of(logdir, run.ranks_from)
     source = json.loads((source_dir / SUMMARY_NAME).read_text())
 
+    if not (source_adapter / "adapter_config.json").is_file():
+        retrain_source(preset, spec, source, source_adapter)
     full = arms.load_saved_adapter(preset, spec, source_adapter)
     if full.data.train_fingerprint != source.get("train_fingerprint"):
         raise ValueError(f"{source_dir} was trained on other data than the preset gives now")
@@ -260,6 +260,31 @@ def run_truncated(run, preset, logdir: Path, adapters: Path) -> Any:
     cut = arms.load_saved_adapter(preset, spec, cut_dir)
     return arms.ArmResult(run.arm, preset, cut.model, cut.tokenizer, None, SummaryFile(target), cut.data, target,
                           shared_tokenizer=cut.tokenizer)
+
+
+def retrain_source(preset, spec, source: Mapping[str, Any], adapter_dir: Path) -> None:
+    """Train a finished run again, from its seed, to get back its adapter (adapters are not committed), and
+    check it is the same run: its batch hashes and validation losses must equal the committed summary's."""
+    from . import arms
+
+    if source.get("learning_rate") != preset.learning_rate or source.get("seed") != preset.seed \
+            or source.get("max_steps") != preset.max_steps:
+        raise ValueError(f"{source.get('run_dir')}: its rate/seed/steps differ from the preset given to retrain it")
+    print(f"[claims] the adapter of {source.get('run_dir')} is not on disk: training it again from seed "
+          f"{preset.seed}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="grit_retrain_") as tmp:
+        res = arms.run_hf(preset, spec, logdir=tmp, output_dir=str(Path(tmp) / "trainer"), run_name="source")
+        again = res.summary
+        for key in ("batch_hashes", "eval_loss"):
+            a, b = again.get(key), source.get(key)
+            same = a == b if key == "batch_hashes" else (
+                a is not None and b is not None and set(a) == set(b)
+                and all(math.isclose(a[k], b[k], rel_tol=1e-6) for k in a))
+            if not same:
+                raise RuntimeError(f"retraining {source.get('run_dir')} did not reproduce its {key}; the committed "
+                                   "run came from other code or another machine: delete its run directory so the "
+                                   "sweep trains and evaluates it again")
+        res.model.save_pretrained(str(adapter_dir))
 
 
 def parameter_curve(res, ks: Iterable[int]) -> list[dict[str, Any]]:

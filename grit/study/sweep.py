@@ -17,8 +17,9 @@ Tiers (issue "A verdict with power"):
    saved adapter is evaluated on the test split instead of retraining.
 3. Length: ``control`` and ``grit`` for ``TIER3_STEPS`` steps at 3 seeds, evaluated every 25 steps.
 4. GRIT's other claims (``grit.study.claims``): ``grit_full`` at 3 seeds, its adapter and the control's cut
-   to GRIT's ranks, ``control_rk``, and the one-seed regularizer and EMA runs. Reported apart from the
-   verdict (``--report`` writes both), so it never enters the verdict's multiple-comparison family.
+   to GRIT's ranks, ``control_rk``, and the one-seed regularizer and EMA runs. A cut whose source adapter
+   is not on disk trains the source again first and checks it reproduces the committed run. Reported
+   apart from the verdict (``--report`` writes both), so it never enters the verdict's comparison family.
 
 Every run lives in ``<logdir>/<arm>/lr<lr>_seed<seed>_steps<steps>/`` and runs in its own process
 (``python -m grit.study.sweep --one ...``). A run is done when its ``run_summary.json`` records the same
