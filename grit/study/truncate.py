@@ -188,8 +188,9 @@ def truncate_adapter(model, ranks: dict[str, int] | int, out_dir: str | os.PathL
 def grit_ranks(manager, combine: str = "max") -> dict[str, int]:
     """{module name: k} from GRIT's effective ranks, for :func:`truncate_adapter`.
 
-    Per module, k_A is the energy rank of the A-side factor F_A (the rank-space input covariance U) and
-    k_B that of the B-side factor F_B (the rank-space output-gradient covariance G): the smallest k whose
+    Per module, k_A is the energy rank of the factor paired with A, F_A, and k_B that of F_B (under the
+    default pairing "kfac" F_A = G, the rank-space output-gradient covariance, and F_B = U, the rank-space
+    input covariance; under "reference" the other way round, grit.kfac_math): the smallest k whose
     top-k eigenvalues hold ``rank_adaptation_threshold`` of the factor's energy, at least
     ``min_lora_rank`` (``grit.kfac_math.energy_rank``), as of the last valid inversion (the last factor
     update, not the final weights). A side that never had a valid inversion keeps k = r (no cut).
