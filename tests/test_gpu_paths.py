@@ -136,3 +136,38 @@ def test_baseline_pads_like_the_hf_arms_when_unsloth_changes_the_pad_token(tmp_p
     for batch in first:
         batch_digest(h, batch["input_ids"], batch["labels"])
     assert h.hexdigest()[:16] != hf[0]
+
+
+_WITHOUT_DATASETS = r"""
+import importlib.util, json, sys
+
+# The lent GPU machine has no `datasets`: with None in sys.modules, find_spec gives None (transformers' check)
+# and `import datasets` raises ModuleNotFoundError.
+sys.modules["datasets"] = None
+assert importlib.util.find_spec("datasets") is None
+from grit.study import arms
+preset = arms.study_preset("tiny")
+res = arms.run_hf(preset, "grit", logdir=sys.argv[1] + "/logs", output_dir=sys.argv[1] + "/out")
+assert sys.modules["datasets"] is None
+s = res.summary
+print("RUN " + json.dumps({k: s[k] for k in ("batch_hashes", "train_loss_per_step", "preconditioned_steps")}))
+"""
+
+
+@pytest.mark.slow
+def test_hf_arms_train_the_same_batches_without_the_datasets_package(tmp_path):
+    """run_hf on a machine without `datasets` (the lent GPU machine) trains on the same batches, with the same
+    losses, as with it: the list the Trainer then gets is drawn by the same seeded sampler."""
+    env = {**os.environ, "UNSLOTH_SKIP_TORCHVISION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_DATASETS, str(tmp_path / "bare")], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bare = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RUN "))[4:])
+
+    import datasets  # noqa: F401  (installed here: the reference run uses it)
+
+    res = arms.run_hf(arms.study_preset("tiny"), "grit", logdir=str(tmp_path / "logs"), output_dir=str(tmp_path / "out"))
+    s = res.summary
+    assert bare["preconditioned_steps"] == s["preconditioned_steps"] > 0
+    assert bare["batch_hashes"] == s["batch_hashes"] and len(s["batch_hashes"]) == s["steps"]
+    assert bare["train_loss_per_step"] == s["train_loss_per_step"]

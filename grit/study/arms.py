@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import PadCollator, StudyData, as_hf_dataset, build_study_data
+from .data import PadCollator, StudyData, as_hf_dataset, build_study_data, trainer_dataset
 from .files import SUMMARY_NAME
 from .registry import SGD_MOMENTUM, ArmSpec, get_arm
 from .models import load_tokenizer, resolve_model_path
@@ -413,7 +413,7 @@ def run_hf(preset: Preset, arm: ArmSpec | str = "grit", *, logdir: str = DEFAULT
                          grit_manager=manager, extra=grit_info, resume_from=resume_from_checkpoint)
     args = TrainingArguments(**training_arguments(preset, str(Path(output_dir) / recorder.run_dir.name),
                                                   optimizer=spec.optimizer))
-    kwargs = dict(model=model, args=args, train_dataset=as_hf_dataset(data.train), processing_class=tokenizer,
+    kwargs = dict(model=model, args=args, train_dataset=trainer_dataset(data.train), processing_class=tokenizer,
                   data_collator=collator(preset, tokenizer, spec.loss_on_padding))
     if spec.peer is not None:
         kwargs["optimizers"] = (peer_optimizer(spec, args, model), None)

@@ -394,11 +394,27 @@ def build_study_data(tokenizer, *, source: str, template: str = "alpaca", max_se
         distinct_prompts=split.distinct_prompts, synthetic=synthetic)
 
 
+def _trainer_rows(examples: Sequence[dict]) -> list[dict]:
+    return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+
+
 def as_hf_dataset(examples: Sequence[dict]):
     """A ``datasets.Dataset`` view for trainers that require one (TRL's SFTTrainer)."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+    return Dataset.from_list(_trainer_rows(examples))
+
+
+def trainer_dataset(examples: Sequence[dict]):
+    """What the HF ``Trainer`` trains on: ``as_hf_dataset`` where ``datasets`` is installed, else the same rows
+    as a list (a map-style dataset: the Trainer's seeded sampler draws the same indices from its length and
+    the collator receives the same rows, so the batches and their hashes are the same). The lent GPU machine
+    has no ``datasets``; TRL (the baseline) needs it and imports it itself."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        return _trainer_rows(examples)
+    return as_hf_dataset(examples)
 
 
 # ----------------------------------------------------------------------------- batching
