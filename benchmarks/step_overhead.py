@@ -447,6 +447,7 @@ def run_interleaved(control: Arm, grit: Arm, step_batches, args, cuda: bool, res
            "timed_preconditioned": grit.manager.preconditioned_steps - pre0,
            # A check that the statistics are what the config asks for: with stride k about 1/k of the tokens.
            "stat_tokens_per_step": float(grit.manager.metrics()["grit/stat_tokens"]) / grit.manager.optimizer_steps,
+           "stat_stride": grit.manager.config.stat_micro_batch_stride,
            "grit_clock_pairs_s": clock_summary(grit.grit_times, args.bootstrap),
            "grit_clock_per_step_s": grit.grit_times}
     if cuda and args.clock_steps > 0:
@@ -477,7 +478,7 @@ def print_table(label: str, res: dict, mem: dict | None) -> None:
           f"{t['total']['ci95'][1] * 1e3:.2f}] = {t['total']['mean'] / c['mean'] * 100:.2f}% of a control step "
           f"({parts} ms)")
     print(f"grit: statistics tokens per step {res['stat_tokens_per_step']:.1f} (stat_micro_batch_stride "
-          f"{res.get('stat_stride', 1)})")
+          f"{res['stat_stride']})")
     print(f"grit: {res['timed_preconditioned']}/{g['n']} timed steps preconditioned, {res['timed_inversions']} "
           f"inversions in the window")
 
@@ -540,7 +541,6 @@ def main(argv=None) -> None:
         control, grit, batches, desc = build_cpu_arms(args)
         step_batches = lambda i: batches[(i * args.accum) % len(batches):][:args.accum]  # noqa: E731
         res = run_interleaved(control, grit, step_batches, args, cuda=False)
-        res["stat_stride"] = args.stat_stride
         seq = max(int(b["input_ids"].shape[1]) for b in batches)
         label = (f"{desc}; padded length <= {seq}; {args.steps} timed steps per arm after {args.warmup} warm-up, "
                  f"interleaved; kfac_update_freq {args.kfac_update_freq}; peak = RSS high-water mark during "

@@ -32,13 +32,13 @@ def _tier1(control_lr=2e-4, grit_lr=8e-4):
     return recs
 
 
-def test_tier4_plan_follows_grit_full_and_the_control_adapters(tmp_path):
+def test_tier4_plan_follows_grit_full_and_the_control_runs():
     seeds = [sweep.BASE_SEED + k for k in range(claims.CLAIM_SEEDS)]
-    runs, notes = sweep.plan([], 60, published_lr=2e-4, tiers=(4,), adapters=tmp_path)
+    runs, notes = sweep.plan([], 60, published_lr=2e-4, tiers=(4,))
     assert runs == [] and any("tier 4" in n for n in notes)
 
     recs = _tier1()
-    runs, notes = sweep.plan(recs, 60, published_lr=2e-4, tiers=(4,), adapters=tmp_path)
+    runs, notes = sweep.plan(recs, 60, published_lr=2e-4, tiers=(4,))
     assert sorted((r.arm, r.seed) for r in runs) == sorted(
         [("grit_full", s) for s in seeds] + [(a, sweep.BASE_SEED) for a in claims.ONE_SEED_ARMS])
     assert {r.learning_rate for r in runs} == {8e-4}  # every GRIT run of tier 4 at grit's chosen rate
@@ -48,7 +48,7 @@ def test_tier4_plan_follows_grit_full_and_the_control_adapters(tmp_path):
     s0 = seeds[0]
     recs += [_rec("grit_full", 8e-4, s0, test=1.0), _rec("control", 2e-4, s0, tier=2, test=1.1)]
     full = "grit_full/lr8e-04_seed3407_steps60"
-    runs, notes = sweep.plan(recs, 60, published_lr=2e-4, tiers=(4,), adapters=tmp_path)
+    runs, notes = sweep.plan(recs, 60, published_lr=2e-4, tiers=(4,))
     derived = {r.arm: r for r in runs if r.seed == s0 and r.arm != "grit_full" and r.arm not in claims.ONE_SEED_ARMS}
     assert set(derived) == {"grit_full_truncated", "control_truncated", claims.CONTROL_RK}
     assert derived["grit_full_truncated"].source == full and derived["grit_full_truncated"].ranks_from == full
@@ -63,11 +63,8 @@ def test_tier4_plan_follows_grit_full_and_the_control_adapters(tmp_path):
     assert d["derived"]["from"] == cut.source and d["ranks_from"] == full and d["arm"]["name"] == "control"
     other = sweep.definition(sweep.PlannedRun(**{**cut.__dict__, "source": "control/other"}), "tiny")
     assert other != d
-
-
-def test_existing_runs_keep_their_definition():
-    """Tier 4 added fields to PlannedRun: a tier-1..3 run's definition must not change (or every finished run
-    of the sweep would turn stale)."""
+    # Tier 4 added fields to PlannedRun: a tier-1..3 run's definition must not change, or every finished run
+    # of the sweep would turn stale.
     run = sweep.PlannedRun(1, "grit", 8e-4, sweep.BASE_SEED, 4, "val")
     assert set(sweep.definition(run, "tiny")) == {"arm", "preset", "learning_rate", "seed", "steps"}
 
@@ -276,7 +273,7 @@ def test_tier4_end_to_end_on_the_tiny_preset(tmp_path):
     assert summary[claims.CONTROL_RK]["trainable_parameters"] == summary["control_truncated"]["trainable_parameters"]
     assert summary[claims.CONTROL_RK]["rank_pattern"] == claims.peft_rank_pattern(ranks)
 
-    md = claims.write_claims(claims.claim_records(logdir), tmp_path / "fig", chosen={"grit": lr, "control": lr},
+    md = claims.write_claims(sweep.finished_records(logdir), tmp_path / "fig", chosen={"grit": lr, "control": lr},
                              steps=steps, base_seed=seed)
     row = next(x for x in md.splitlines() if x.startswith("| control_rk"))
     assert f"{summary[claims.CONTROL_RK]['test_loss']:.4f}" in row

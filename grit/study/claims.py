@@ -74,7 +74,7 @@ def control_rk_spec():
 # ----------------------------------------------------------------------------- the plan (tier 4)
 
 def tier4_plan(records: Sequence[Mapping[str, Any]], chosen: Mapping[str, float | None], steps: int,
-               adapters: Path, planned_run: type, base_seed: int) -> tuple[list, list[str]]:
+               planned_run: type, base_seed: int) -> tuple[list, list[str]]:
     """Tier-4 runs as far as finished runs determine them, and notes on what is still open."""
     lr_g, lr_c = chosen.get("grit"), chosen.get("control")
     if lr_g is None or lr_c is None:
@@ -227,13 +227,11 @@ def run_truncated(run, preset, logdir: Path, adapters: Path) -> Any:
     source_adapter = adapters / run.source / "adapter"
     spec = get_arm(DERIVED[run.arm].source_arm)
     ranks = ranks_of(logdir, run.ranks_from)
-    source = json.loads((source_dir / SUMMARY_NAME).read_text())
 
     if not (source_adapter / "adapter_config.json").is_file():
-        retrain_source(preset, spec, source, source_adapter)
-    full = arms.load_saved_adapter(preset, spec, source_adapter)
-    if full.data.train_fingerprint != source.get("train_fingerprint"):
-        raise ValueError(f"{source_dir} was trained on other data than the preset gives now")
+        retrain_source(preset, spec, SummaryFile(source_dir).info, source_adapter)
+    full = arms.reload_arm(preset, spec, source_adapter, source_dir)  # refuses a source trained on other data
+    source = full.recorder.info  # read only: nothing here writes to the source's summary
     cut_dir = adapters / run.name / "adapter"
     if cut_dir.exists():
         shutil.rmtree(cut_dir)
@@ -316,26 +314,6 @@ CLAIM_COLUMNS = (("parameters", "parameters", ",.0f"), ("adapter_bytes", "adapte
                  ("retention_kl", "retention KL", ".4g"), ("drift", "drift", ".4g"))
 
 
-def claim_records(logdir: Path) -> list[dict[str, Any]]:
-    """Every finished sweep summary under ``logdir`` with the fields the claims report reads."""
-    from .files import SUMMARY_NAME
-
-    out = []
-    for f in sorted(Path(logdir).rglob(SUMMARY_NAME)):
-        s = json.loads(f.read_text())
-        if "sweep" not in s or s.get("test_loss") is None:
-            continue
-        out.append({"arm": s["arm"], "tier": s["sweep"]["tier"], "learning_rate": s["learning_rate"], "seed": s["seed"],
-                    "max_steps": s["max_steps"], "test_loss": s["test_loss"], "exact_match": s.get("exact_match"),
-                    "retention_kl": s.get("retention_kl"), "drift": s.get("drift"),
-                    "parameters": s.get("trainable_parameters"), "adapter_bytes": s.get("adapter_bytes"),
-                    "truncation": s.get("truncation"), "projector_truncation": s.get("projector_truncation"),
-                    "parameter_curve": s.get("parameter_curve"), "source_test_loss": s.get("source_test_loss"),
-                    "grit_metrics": s.get("grit_metrics", {}),
-                    "grit_config": s.get("grit_config"), "run_dir": str(f.parent)})
-    return out
-
-
 def _select(records, arm: str, seeds: Sequence[int], steps: int, lr: float | None) -> dict[int, dict]:
     return {r["seed"]: r for r in records if r["arm"] == arm and r["seed"] in seeds and r["max_steps"] == steps
             and (lr is None or math.isclose(r["learning_rate"], lr, rel_tol=1e-9))}
@@ -351,8 +329,11 @@ def _cell(values: Sequence[float], spec: str) -> str:
 
 def claims_markdown(records: Sequence[Mapping[str, Any]], *, steps: int, lr_grit: float, lr_control: float,
                     base_seed: int, image_prefix: str, curve_plot: str | None) -> str:
-    """The README section "GRIT's claims" from the finished runs (tier 4 and the tier-2 grit/control runs)."""
+    """The README section "GRIT's claims" from the finished runs (``grit.study.sweep.finished_records``: tier 4
+    and the tier-2 grit/control runs); runs without a test evaluation are left out."""
     from .stats import paired_difference, verdict
+
+    records = [r for r in records if r.get("test_loss") is not None]
 
     seeds = [base_seed + k for k in range(CLAIM_SEEDS)]
     lrs = {"grit": lr_grit, "grit_full": lr_grit, "grit_full_truncated": lr_grit, "control": lr_control,

@@ -154,6 +154,11 @@ def finished_records(logdir: Path) -> list[dict[str, Any]]:
             "retention_kl": s.get("retention_kl"), "drift": s.get("drift"),
             "median_s_per_step": s.get("median_s_per_step"), "median_cpu_s_per_step": s.get("median_cpu_s_per_step"),
             "seconds": s.get("sweep", {}).get("seconds"), "run_dir": str(f.parent),
+            # What tier 4's report (grit.study.claims) reads besides.
+            "parameters": s.get("trainable_parameters"), "adapter_bytes": s.get("adapter_bytes"),
+            "truncation": s.get("truncation"), "projector_truncation": s.get("projector_truncation"),
+            "parameter_curve": s.get("parameter_curve"), "source_test_loss": s.get("source_test_loss"),
+            "grit_metrics": s.get("grit_metrics", {}), "grit_config": s.get("grit_config"),
         })
     return out
 
@@ -204,8 +209,8 @@ def _get(done: dict, lr: float) -> float:
     return next(v for k, v in done.items() if math.isclose(k, lr, rel_tol=1e-6))
 
 
-def plan(records: list[dict], steps: int, published_lr: float, tiers: Iterable[int] = (1, 2, 3),
-         adapters: Path | None = None) -> tuple[list[PlannedRun], list[str]]:
+def plan(records: list[dict], steps: int, published_lr: float, tiers: Iterable[int] = (1, 2, 3)
+         ) -> tuple[list[PlannedRun], list[str]]:
     """The runs the sweep needs, as far as the finished runs determine them, and notes on what is still open
     (tiers 2 and 3 need tier 1's chosen rates). ``published_lr``: the seed protocol's rate, at which
     ``grit_published`` (descriptive, one seed) runs the authors' recipe."""
@@ -233,7 +238,7 @@ def plan(records: list[dict], steps: int, published_lr: float, tiers: Iterable[i
     if 4 in tiers:
         from .claims import tier4_plan
 
-        t4, n4 = tier4_plan(records, chosen, steps, Path(adapters or DEFAULT_ADAPTERS), PlannedRun, BASE_SEED)
+        t4, n4 = tier4_plan(records, chosen, steps, PlannedRun, BASE_SEED)
         out += t4
         notes += n4
     return _merge_reused(out), notes
@@ -378,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     done_runs = 0
     while True:
         records = finished_records(logdir) if logdir.is_dir() else []
-        runs, notes = plan(records, steps, base.learning_rate, tiers, adapters)
+        runs, notes = plan(records, steps, base.learning_rate, tiers)
         if args.only:
             wanted = set(args.only.split(","))
             runs = [r for r in runs if r.name in wanted]
@@ -415,14 +420,15 @@ def main(argv: list[str] | None = None) -> int:
 def write_claims_report(logdir: str | os.PathLike, out_dir: str | os.PathLike, preset_name: str) -> str:
     """README's "GRIT's claims" section (grit.study.claims) from the finished runs under ``logdir``, at the
     learning rates tier 1 chose; its plot goes to ``out_dir``."""
-    from .claims import claim_records, write_claims
+    from .claims import write_claims
     from .files import atomic_write_text
     from .presets import resolve_preset
 
     steps = resolve_preset(preset_name).max_steps
-    _, chosen = tier1_plan(finished_records(Path(logdir)), steps)
+    records = finished_records(Path(logdir))
+    _, chosen = tier1_plan(records, steps)
     out = Path(out_dir)
-    md = write_claims(claim_records(Path(logdir)), out, chosen=chosen, steps=steps, base_seed=BASE_SEED,
+    md = write_claims(records, out, chosen=chosen, steps=steps, base_seed=BASE_SEED,
                       image_prefix=str(out).rstrip("/") + "/")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "claims.md", md)
