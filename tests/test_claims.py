@@ -178,9 +178,19 @@ def test_the_claims_report_computes_its_verdict_from_paired_costs(tmp_path):
     for other, name in ((costs_c, "control cut to the same k"), (costs_rk, "control_rk (same parameters)")):
         d = np.array(costs_g) - np.array(other)
         half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-        line = next(x for x in md.splitlines() if f"vs {name}" in x)
+        line = next(x for x in md.splitlines() if f"vs {name} | added loss" in x)
         assert f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]" in line, line
-    assert "better: 95% interval" in next(x for x in md.splitlines() if "vs control cut" in x)
+    assert "better: 95% interval" in next(x for x in md.splitlines() if "vs control cut to the same k | added" in x)
+    # The absolute test loss at the same parameter count, and reprojection's own price (grit_full vs grit).
+    by = {arm: np.array([r["test_loss"] for r in recs if r["arm"] == arm and r["seed"] in seeds
+                         and r["learning_rate"] in (lr_g, lr_c)]) for arm in {r["arm"] for r in recs}}
+    for name, ours, other in (("grit_full cut vs control cut to the same k", "grit_full_truncated", "control_truncated"),
+                              ("grit_full cut vs control_rk (same parameters)", "grit_full_truncated", claims.CONTROL_RK),
+                              ("grit_full (full) vs grit", "grit_full", "grit")):
+        d = by[ours] - by[other]
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        line = next(x for x in md.splitlines() if x.startswith(f"| {name} | test loss"))
+        assert f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]" in line, line
     control_row = next(x for x in md.splitlines() if x.startswith("| control (full)"))
     mean = np.mean([r["test_loss"] for r in recs if r["arm"] == "control" and r["learning_rate"] == lr_c])
     assert f"{mean:.4f}" in control_row and "5,000" in control_row  # bytes from the cut's source_bytes
