@@ -182,8 +182,11 @@ def test_the_claims_report_computes_its_verdict_from_paired_costs(tmp_path):
         assert f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]" in line, line
     assert "better: 95% interval" in next(x for x in md.splitlines() if "vs control cut to the same k | added" in x)
     # The absolute test loss at the same parameter count, and reprojection's own price (grit_full vs grit).
+    # Each arm at its own chosen rate, so the stray tier-1 control at grit's rate cannot slip into any entry.
+    rate = {arm: lr_g if arm.startswith("grit") else lr_c for arm in {r["arm"] for r in recs}}
     by = {arm: np.array([r["test_loss"] for r in recs if r["arm"] == arm and r["seed"] in seeds
-                         and r["learning_rate"] in (lr_g, lr_c)]) for arm in {r["arm"] for r in recs}}
+                         and r["learning_rate"] == rate[arm]]) for arm in rate}
+    assert all(len(v) == len(seeds) for v in by.values()), {a: len(v) for a, v in by.items()}
     for name, ours, other in (("grit_full cut vs control cut to the same k", "grit_full_truncated", "control_truncated"),
                               ("grit_full cut vs control_rk (same parameters)", "grit_full_truncated", claims.CONTROL_RK),
                               ("grit_full (full) vs grit", "grit_full", "grit")):
