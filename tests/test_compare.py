@@ -9,7 +9,8 @@ import pytest
 
 
 def _write_run(logdir, name, *, arm, train_fp="t1", val_fp="v1", losses=(2.0, 1.5, 1.0), hashes=None,
-               loss_on_padding=False, departs_from=None, stack="hf+peft", lr=2e-4, seed=3407, max_steps=None):
+               loss_on_padding=False, departs_from=None, stack="hf+peft", lr=2e-4, seed=3407, max_steps=None,
+               final=None):
     from torch.utils.tensorboard import SummaryWriter
 
     run = logdir / name
@@ -35,6 +36,7 @@ def _write_run(logdir, name, *, arm, train_fp="t1", val_fp="v1", losses=(2.0, 1.
                           "learning_rate": lr, "seed": seed, "max_steps": max_steps or len(losses)},
         "hardware": {"cpu_count": 2, "machine": "x86_64"}, "package_versions": {"torch": "2.13.0"},
     }
+    summary.update(final or {})
     (run / "run_summary.json").write_text(json.dumps(summary))
     return run
 
@@ -125,7 +127,8 @@ def test_plots_and_table(tmp_path):
 
     logs = tmp_path / "logs"
     _write_run(logs, "control_20260101-000000", arm="control")
-    _write_run(logs, "grit_20260101-000000", arm="grit", losses=(2.0, 1.0, 0.5))
+    _write_run(logs, "grit_20260101-000000", arm="grit", losses=(2.0, 1.0, 0.5),
+               final={"test_loss": 0.9, "retention_kl": 0.25, "drift": 12.34})
     runs = load_runs(logs)
     out = tmp_path / "readme_files"
     paths = plot_all(runs, out)
@@ -138,6 +141,10 @@ def test_plots_and_table(tmp_path):
     grit_row = dict(zip(header, (c.strip() for c in next(l for l in lines if l.startswith("| grit")).strip("|").split("|"))))
     assert grit_row["final train loss"] == "0.5000" and grit_row["preconditioned"] == "2"
     assert grit_row["final eval loss"] == "1.5000" and grit_row["exact match"] == "0.250"
+    # The final evaluation's figures sit beside the eval curve's; a run without them shows a dash.
+    assert (grit_row["test loss"], grit_row["retention KL"], grit_row["drift"]) == ("0.9000", "0.2500", "12.3")
+    control_row = next(l for l in lines if l.startswith("| control"))
+    assert dict(zip(header, (c.strip() for c in control_row.strip("|").split("|"))))["test loss"] == "–"
     assert "train t1, val v1" in table and "2-core CPU" in table
 
     # A LOSS_ON_PADDING run gets its own panel next to the arm it departs from, on every figure.

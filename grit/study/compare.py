@@ -274,6 +274,8 @@ def results_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "steps": s.get("steps"),
             "preconditioned": s.get("preconditioned_steps"), "final train loss": s.get("final_train_loss"),
             "eval loss step 0": evals.get("0"), "final eval loss": evals.get(last) if last else None,
+            # The final evaluation (grit.study.arms.final_evaluation): on test, or val where a run has no test split.
+            "test loss": s.get("test_loss"), "retention KL": s.get("retention_kl"), "drift": s.get("drift"),
             "exact match": s.get("exact_match"), "base exact match": s.get("base_exact_match"),
             "median s/step": s.get("median_s_per_step"), "mean s/step": s.get("mean_s_per_step"),
             "tokens/s": s.get("tokens_per_s"), "peak MiB": s.get("peak_memory_mb"),
@@ -287,7 +289,7 @@ def results_markdown(runs: Sequence[Run]) -> str:
     rows = results_rows(runs)
     cols = [c for c in rows[0] if any(row[c] is not None for row in rows)]
     specs = {"lr": ".0e", "seed": "d", "preconditioned": "d", "steps": "d", "tokens/s": ".0f", "peak MiB": ".0f", "exact match": ".3f",
-             "base exact match": ".3f", "median s/step": ".2f", "mean s/step": ".2f"}
+             "base exact match": ".3f", "median s/step": ".2f", "mean s/step": ".2f", "drift": ".1f"}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row[c], specs.get(c, ".4f")) for c in cols) + " |")
@@ -305,6 +307,8 @@ def results_markdown(runs: Sequence[Run]) -> str:
         + ", ".join(f"{n.rsplit('_', 1)[0]} {a['equal']}/{a['compared']}" for n, a in agreement.items())
         + " steps equal to the first fair run of the same (seed, steps).",
         "Losses are token-weighted cross-entropy over response tokens; step 0 is the untuned base model. "
+        "Eval losses are on val, test loss and exact match on test; retention KL is KL(base || tuned) on the fixed "
+        "texts sampled from the untuned base, drift the sum of ||s B A||_F over LoRA modules. "
         "Times exclude evaluation; peak memory is the process RSS on CPU and peak allocated CUDA memory on GPU.",
     ]
     if any(r.is_padding_artifact for r in runs):
