@@ -63,6 +63,24 @@ def test_tiers_2_and_3_follow_the_chosen_rates_and_reuse_the_tier1_run():
     assert len({r.name for r in runs}) == len(runs)
 
 
+def test_tier2_alone_still_takes_the_reused_run_as_tier1():
+    """`--tiers 2` must plan the reused seed as the tier-1 run it is: planned as tier 2, its evaluation wrote
+    tier 2 into the summary, tier 1 lost that arm's chosen point and tier 2 then dropped the arm's seeds."""
+    recs = []
+    for arm in sweep.TIER1_ARMS:
+        grid = sweep.GRIDS["sgd" if arm.endswith("_sgd") else "adamw"]
+        recs += [_rec(arm, lr, v) for lr, v in zip(grid, (0.8, 0.5, 0.9))]
+    both, _ = sweep.plan(recs, 60, published_lr=2e-4, tiers=(1, 2))
+    alone, notes = sweep.plan(recs, 60, published_lr=2e-4, tiers=(2,))
+    assert notes == []
+    reused = {r.name: r for r in both if r.tier == 1 and r.evaluation == "full"}
+    assert set(reused) == {f"{a}/lr{sweep.GRIDS['sgd' if a.endswith('_sgd') else 'adamw'][1]:.0e}_seed"
+                           f"{sweep.BASE_SEED}_steps60" for a in sweep.TIER1_ARMS}
+    assert {r.name: r for r in alone if r.name in reused} == reused  # same entries, tier 1, evaluation full
+    assert not [r for r in alone if r.evaluation == "val"]  # the other tuning points stay out of --tiers 2
+    assert sorted(r.name for r in alone) == sorted(r.name for r in both if r.tier == 2 or r.name in reused)
+
+
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_with_only_what_is_left(tmp_path, capfd):
     import json

@@ -216,7 +216,10 @@ def plan(records: list[dict], steps: int, published_lr: float, tiers: Iterable[i
     ``grit_published`` (descriptive, one seed) runs the authors' recipe."""
     tiers = set(tiers)
     t1, chosen = tier1_plan(records, steps)
-    out = list(t1) if 1 in tiers else []
+    # Tier 1 is always planned, and filtered out only after the merge: a tier-2 seed at the tier-1
+    # configuration is the tier-1 run, whatever --tiers says, so its summary keeps tier 1 and tier 1
+    # keeps the arm's chosen point.
+    out = list(t1)
     notes = []
     chosen["loraplus"] = chosen.get("control")  # LoRA+ at the control's rate (its ratio is its own knob)
     chosen["grit_published"] = published_lr
@@ -241,7 +244,8 @@ def plan(records: list[dict], steps: int, published_lr: float, tiers: Iterable[i
         t4, n4 = tier4_plan(records, chosen, steps, PlannedRun, BASE_SEED)
         out += t4
         notes += n4
-    return _merge_reused(out), notes
+    merged = _merge_reused(out)
+    return [r for r in merged if r.tier in tiers or (r.tier == 1 and r.evaluation == "full" and 2 in tiers)], notes
 
 
 def _merge_reused(runs: list[PlannedRun]) -> list[PlannedRun]:
