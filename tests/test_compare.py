@@ -146,6 +146,11 @@ def test_plots_and_table(tmp_path):
     control_row = next(l for l in lines if l.startswith("| control"))
     assert dict(zip(header, (c.strip() for c in control_row.strip("|").split("|"))))["test loss"] == "–"
     assert "train t1, val v1" in table and "2-core CPU" in table
+    assert "test loss and exact match on test;" in table
+    # A preset without a test split evaluates on val, and the table must say so (llama3-8b on Alpaca).
+    _write_run(logs, "control_20260101-000001", arm="control", final={"test_loss": 1.1, "final_split": "val"})
+    assert "test loss and exact match on test for grit; val for control;" in \
+        write_results(load_runs(logs), out / "results.md").read_text()
 
     # A LOSS_ON_PADDING run gets its own panel next to the arm it departs from, on every figure.
     _write_run(logs, "padding_artifact_20260101-000000", arm="padding_artifact", losses=(0.2, 0.1, 0.05),

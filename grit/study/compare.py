@@ -284,6 +284,17 @@ def results_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+def _final_splits(runs: Sequence[Run]) -> str:
+    """The split the final evaluation used: test, or val for a preset without a test split (``final_split``)."""
+    by_split: dict[str, list[str]] = {}
+    for r in runs:
+        if r.summary.get("test_loss") is not None:
+            by_split.setdefault(r.summary.get("final_split", "test"), []).append(r.arm)
+    if len(by_split) <= 1:
+        return next(iter(by_split), "test")
+    return "; ".join(f"{split} for {', '.join(arms)}" for split, arms in sorted(by_split.items()))
+
+
 def results_markdown(runs: Sequence[Run]) -> str:
     """The results table plus the facts a reader needs next to every number (hardware, preset, data)."""
     rows = results_rows(runs)
@@ -307,8 +318,8 @@ def results_markdown(runs: Sequence[Run]) -> str:
         + ", ".join(f"{n.rsplit('_', 1)[0]} {a['equal']}/{a['compared']}" for n, a in agreement.items())
         + " steps equal to the first fair run of the same (seed, steps).",
         "Losses are token-weighted cross-entropy over response tokens; step 0 is the untuned base model. "
-        "Eval losses are on val, test loss and exact match on test; retention KL is KL(base || tuned) on the fixed "
-        "texts sampled from the untuned base, drift the sum of ||s B A||_F over LoRA modules. "
+        f"Eval losses are on val, test loss and exact match on {_final_splits(runs)}; retention KL is KL(base || tuned) "
+        "on the fixed texts sampled from the untuned base, drift the sum of ||s B A||_F over LoRA modules. "
         "Times exclude evaluation; peak memory is the process RSS on CPU and peak allocated CUDA memory on GPU.",
     ]
     if any(r.is_padding_artifact for r in runs):
