@@ -21,6 +21,9 @@ export UNSLOTH_SKIP_TORCHVISION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 endif
+# The study package (grit_study/) and examples/ run from this checkout; only grit is installed. Kernels that
+# nbval/papermill start in notebooks/ inherit this.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
@@ -69,16 +72,16 @@ test: $(STAMP) $(LLAMA_STAMP)
 	@$(MAKE) --no-print-directory runtime
 
 study: $(STAMP)
-	@$(call stage,study,$(PY) -m grit.study.main study --logdir $(LOGDIR) --notebook-dir $(NB_OUT))
+	@$(call stage,study,$(PY) -m grit_study.main study --logdir $(LOGDIR) --notebook-dir $(NB_OUT))
 
 ablations: $(STAMP)
-	@$(call stage,ablations,$(PY) -m grit.study.main ablations --logdir $(LOGDIR) --notebook-dir $(NB_OUT))
+	@$(call stage,ablations,$(PY) -m grit_study.main ablations --logdir $(LOGDIR) --notebook-dir $(NB_OUT))
 
-# The verdict protocol in tiers (grit/study/sweep.py): resumable, skips finished runs. `make sweep --dry-run`
+# The verdict protocol in tiers (grit_study/sweep.py): resumable, skips finished runs. `make sweep --dry-run`
 # (make's own -n) still runs this recipe (the leading +) and passes --dry-run on: the plan, nothing trained.
 SWEEP_DRY := $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run,)
 sweep: $(STAMP)
-	+@$(call stage,sweep,$(PY) -m grit.study.sweep --logdir $(LOGDIR)/sweep $(SWEEP_DRY) $(SWEEP_ARGS))
+	+@$(call stage,sweep,$(PY) -m grit_study.sweep --logdir $(LOGDIR)/sweep $(SWEEP_DRY) $(SWEEP_ARGS))
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

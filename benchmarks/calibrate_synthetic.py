@@ -1,10 +1,10 @@
 """Calibrate the synthetic families on the control arm only (issue "A verdict with power", section 1).
 
-    python -m grit.study.sweep --tiers 1 --only control/lr2e-04_seed3407_steps60   # the control's tuning run
+    python -m grit_study.sweep --tiers 1 --only control/lr2e-04_seed3407_steps60   # the control's tuning run
     python benchmarks/calibrate_synthetic.py --run tensorboard_logs/sweep/control/lr2e-04_seed3407_steps60
 
 Decodes the validation prompts (never the test split) with the control run's saved adapter and prints
-exact match per family next to the difficulty table (``grit.study.synthetic.DIFFICULTY``). The aim:
+exact match per family next to the difficulty table (``grit_study.synthetic.DIFFICULTY``). The aim:
 most families neither near 0% nor near 100%. Edit the table, rerun the control, and freeze the table
 before any GRIT run of the sweep; the JSON written here is the record of what was decided and why.
 """
@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/synthetic_calibration.json")
     args = parser.parse_args(argv)
 
-    from grit.study import arms, synthetic
-    from grit.study.evaluate import accuracy
-    from grit.study.presets import resolve_preset
-    from grit.study.registry import get_arm
+    from grit_study import arms, synthetic
+    from grit_study.evaluate import accuracy
+    from grit_study.presets import resolve_preset
+    from grit_study.registry import get_arm
 
     run = Path(args.run)
     summary = json.loads((run / "run_summary.json").read_text())

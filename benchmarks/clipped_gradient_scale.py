@@ -24,9 +24,9 @@ import torch  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from grit import GRITConfig, GRITManager, GritTrainer  # noqa: E402
-from grit.study import arms  # noqa: E402
-from grit.study.data import PadCollator, as_hf_dataset  # noqa: E402
-from grit.study.models import load_peft_model, load_tokenizer  # noqa: E402
+from grit_study import arms  # noqa: E402
+from grit_study.data import PadCollator, as_hf_dataset  # noqa: E402
+from grit_study.models import load_peft_model, load_tokenizer  # noqa: E402
 
 
 def median_abs_grad(model, key: str) -> float:

@@ -85,7 +85,7 @@ CLOCK_PARTS = ("hooks", "flush", "step", "metrics")
 
 def build_smollm2(args):
     """The study's CPU stack for ``args.preset``: load_peft_model (NF4, fp32 compute, checkpointing) + study data."""
-    from grit.study import PadCollator, build_study_data, load_peft_model, load_tokenizer, resolve_preset
+    from grit_study import PadCollator, build_study_data, load_peft_model, load_tokenizer, resolve_preset
 
     preset = resolve_preset(args.preset)
     model = load_peft_model(preset)

@@ -13,6 +13,8 @@ framework glue in ``grit.integrations`` (``GritOptimizer``: plain torch; ``GritT
 transformers.
 """
 
+__version__ = "0.2.0"
+
 from .config import GRITConfig, expected_preconditioned_steps
 from .manager import GRITManager
 

@@ -88,7 +88,7 @@ NO_CAPTURE_HELP = (
     "lora_A/lora_B modules (Unsloth's FastLanguageModel does so on CUDA), or any custom forward that bypasses "
     "those modules (or in which lora_A's output does not require grad). GRIT would precondition and regularize "
     "nothing and the run would equal its control. Fix: train with the plain PEFT forward: load the model with "
-    "transformers + peft (the HF stack, grit.study.arms.run_hf) instead of Unsloth's FastLanguageModel, or "
+    "transformers + peft (the HF stack, grit_study.arms.run_hf) instead of Unsloth's FastLanguageModel, or "
     "disable the fused LoRA kernels, and build the GRITManager on that model.")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from grit.study import claims, sweep
+from grit_study import claims, sweep
 from grit_fixtures import batch, energy_k, projector, tiny_lora_model
 
 R, ALPHA = 4, 12  # s = 3: a dropped or doubled scale moves ΔW by x3
@@ -126,7 +126,7 @@ def test_control_rk_rank_pattern_trains_the_cut_parameter_count():
     from grit_fixtures import lora_pairs
 
     model, manager = _trained_reprojecting_manager()
-    from grit.study.truncate import grit_ranks
+    from grit_study.truncate import grit_ranks
 
     ranks = grit_ranks(manager, claims.RANK_COMBINE)
     pattern = claims.peft_rank_pattern(ranks)
@@ -203,7 +203,7 @@ def test_the_claims_report_computes_its_verdict_from_paired_costs(tmp_path):
 def test_the_verdict_leaves_tier4_out(tmp_path):
     import json
 
-    from grit.study.files import SUMMARY_NAME
+    from grit_study.files import SUMMARY_NAME
 
     logdir = tmp_path / "logs"
     for arm, seed, tier, loss in (("control", 3407, 2, 1.0), ("control", 3408, 2, 1.1), ("grit", 3407, 2, 0.9),
@@ -228,8 +228,8 @@ def test_tier4_end_to_end_on_the_tiny_preset(tmp_path):
 
     from safetensors import safe_open
 
-    from grit.study.files import SUMMARY_NAME
-    from grit.study.truncate import ADAPTER_FILE
+    from grit_study.files import SUMMARY_NAME
+    from grit_study.truncate import ADAPTER_FILE
 
     logdir, adapters = tmp_path / "logs", tmp_path / "adapters"
     common = ["--preset", "tiny", "--logdir", str(logdir), "--adapters", str(adapters)]

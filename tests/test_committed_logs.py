@@ -15,9 +15,9 @@ LOGS = ROOT / "tensorboard_logs"
 
 
 def test_committed_top_level_runs_are_on_the_data_the_code_builds_now():
-    from grit.study.arms import study_data, study_preset
-    from grit.study.compare import load_runs
-    from grit.study.models import load_tokenizer
+    from grit_study.arms import study_data, study_preset
+    from grit_study.compare import load_runs
+    from grit_study.models import load_tokenizer
 
     summaries = {p.parent.name: json.loads(p.read_text()) for p in LOGS.glob("*/run_summary.json")}
     current = {}

@@ -48,7 +48,7 @@ def _png_size(path):
 
 
 def test_scalars_round_trip_through_the_event_accumulator(tmp_path):
-    from grit.study.compare import load_runs
+    from grit_study.compare import load_runs
 
     _write_run(tmp_path, "control_20260101-000000", arm="control", losses=(2.5, 1.25, 0.625))
     (run,) = load_runs(tmp_path)
@@ -60,7 +60,7 @@ def test_scalars_round_trip_through_the_event_accumulator(tmp_path):
 
 
 def test_refuses_runs_with_different_fingerprints(tmp_path):
-    from grit.study.compare import FingerprintMismatch, check_fingerprints, load_runs, write_results
+    from grit_study.compare import FingerprintMismatch, check_fingerprints, load_runs, write_results
 
     _write_run(tmp_path, "control_20260101-000000", arm="control")
     _write_run(tmp_path, "grit_20260101-000000", arm="grit", val_fp="v2")
@@ -73,7 +73,7 @@ def test_refuses_runs_with_different_fingerprints(tmp_path):
 
 
 def test_refuses_fair_runs_with_different_batches_but_not_the_padding_artifact(tmp_path):
-    from grit.study.compare import FingerprintMismatch, batch_hash_agreement, check_batch_hashes, load_runs
+    from grit_study.compare import FingerprintMismatch, batch_hash_agreement, check_batch_hashes, load_runs
 
     _write_run(tmp_path, "baseline_20260101-000000", arm="baseline", stack="unsloth+trl")
     _write_run(tmp_path, "control_20260101-000000", arm="control")
@@ -90,7 +90,7 @@ def test_refuses_fair_runs_with_different_batches_but_not_the_padding_artifact(t
 
 
 def test_runs_are_keyed_by_arm_rate_seed_and_steps_and_the_newest_of_a_key_wins(tmp_path):
-    from grit.study.compare import load_runs
+    from grit_study.compare import load_runs
 
     _write_run(tmp_path, "grit_20260101-000000", arm="grit", losses=(9.0, 8.0))
     _write_run(tmp_path, "grit_20260102-000000", arm="grit", losses=(1.0, 0.5))       # same key, newer
@@ -106,7 +106,7 @@ def test_runs_are_keyed_by_arm_rate_seed_and_steps_and_the_newest_of_a_key_wins(
 
 
 def test_batch_hashes_are_compared_within_each_seed_and_length(tmp_path):
-    from grit.study.compare import FingerprintMismatch, batch_hash_agreement, check_batch_hashes, load_runs
+    from grit_study.compare import FingerprintMismatch, batch_hash_agreement, check_batch_hashes, load_runs
 
     _write_run(tmp_path, "control_a", arm="control", hashes=["a", "b", "c"])
     _write_run(tmp_path, "grit_a", arm="grit", hashes=["a", "b", "c"], lr=8e-4)
@@ -123,7 +123,7 @@ def test_batch_hashes_are_compared_within_each_seed_and_length(tmp_path):
 
 
 def test_plots_and_table(tmp_path):
-    from grit.study.compare import load_runs, plot_all, write_results
+    from grit_study.compare import load_runs, plot_all, write_results
 
     logs = tmp_path / "logs"
     _write_run(logs, "control_20260101-000000", arm="control")

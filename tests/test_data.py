@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from grit.study.data import (IGNORE_INDEX, DataError, PadCollator, build_study_data, fingerprint, load_rows,
+from grit_study.data import (IGNORE_INDEX, DataError, PadCollator, build_study_data, fingerprint, load_rows,
                              response_token_count, tokenize_row)
-from grit.study.models import load_tokenizer
+from grit_study.models import load_tokenizer
 
 ROWS = [
     {"instruction": "Name a primary color.", "input": "", "output": "Red."},

@@ -8,11 +8,11 @@ from collections import defaultdict
 import pytest
 import torch
 
-from grit.study.data import PadCollator, build_study_data, response_token_count
-from grit.study.evaluate import (accuracy, causal_lm_parts, eval_loss, generate, read_predictions,
+from grit_study.data import PadCollator, build_study_data, response_token_count
+from grit_study.evaluate import (accuracy, causal_lm_parts, eval_loss, generate, read_predictions,
                                  score_predictions, write_predictions)
-from grit.study.models import load_peft_model, load_tokenizer, tiny_dir
-from grit.study.presets import resolve_preset
+from grit_study.models import load_peft_model, load_tokenizer, tiny_dir
+from grit_study.presets import resolve_preset
 
 
 @pytest.fixture(scope="module")

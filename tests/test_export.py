@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from grit.study.data import build_study_data, format_prompt, merged_instruction
-from grit.study.export import (ALPACA_CHAT_TEMPLATE, ExportError, deploy_ollama, eval_loss_gguf, eval_loss_hf,
+from grit_study.data import build_study_data, format_prompt, merged_instruction
+from grit_study.export import (ALPACA_CHAT_TEMPLATE, ExportError, deploy_ollama, eval_loss_gguf, eval_loss_hf,
                                export_gguf, gguf_logits, load_gguf, parse_modelfile)
-from grit.study.merge import MergeError, merge_lora, read_adapter
-from grit.study.presets import LORA_TARGETS_LLAMA
+from grit_study.merge import MergeError, merge_lora, read_adapter
+from grit_study.presets import LORA_TARGETS_LLAMA
 from go_template import render_go_template
-from grit.study.models import tiny_dir
+from grit_study.models import tiny_dir
 
 TARGETS = list(LORA_TARGETS_LLAMA)
 ROWS = [  # braces, quotes, newlines and an input: the templates must not touch any of them
@@ -303,7 +303,7 @@ def test_gguf_q8_0_agrees_with_merged_model(exported, data):
 def test_eval_loss_hf_is_token_weighted_response_cross_entropy(bases, data):
     from transformers import AutoModelForCausalLM
 
-    from grit.study.data import PadCollator
+    from grit_study.data import PadCollator
 
     model = AutoModelForCausalLM.from_pretrained(bases["fp32"], dtype=torch.float32)
     examples = data.val[:5]
@@ -374,7 +374,7 @@ def test_smollm2_chat_export_takes_under_a_minute(tmp_path):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from transformers import AutoTokenizer
 
-    from grit.study.models import smollm2_dir
+    from grit_study.models import smollm2_dir
 
     base = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(base)
@@ -407,7 +407,7 @@ def test_smollm2_chat_export_takes_under_a_minute(tmp_path):
 def test_interrupted_export_leaves_no_finished_file(bases, tmp_path):
     _peft(bases["bf16"], name="default").save_pretrained(tmp_path / "adapter")
     out = tmp_path / "export"
-    script = ("import sys; from transformers import AutoTokenizer; from grit.study.export import export_gguf; "
+    script = ("import sys; from transformers import AutoTokenizer; from grit_study.export import export_gguf; "
               "export_gguf(sys.argv[1], sys.argv[2], sys.argv[3], tokenizer=AutoTokenizer.from_pretrained(sys.argv[2]))")
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "adapter"), str(bases["bf16"]), str(out)],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,10 +1,10 @@
-"""grit.study.files.atomic_path: the one atomic write every writer of the study goes through."""
+"""grit_study.files.atomic_path: the one atomic write every writer of the study goes through."""
 
 from __future__ import annotations
 
 import pytest
 
-from grit.study.files import atomic_path, atomic_write_text
+from grit_study.files import atomic_path, atomic_write_text
 
 
 def test_a_failed_write_leaves_neither_target_nor_temporary(tmp_path):

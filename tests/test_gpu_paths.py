@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from grit.study import arms
-from grit.study.presets import resolve_preset
-from grit.study.runs import batch_digest, hardware
+from grit_study import arms
+from grit_study.presets import resolve_preset
+from grit_study.runs import batch_digest, hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def load_with_fixed_pad(*args, **kwargs):
 FastLanguageModel.from_pretrained = staticmethod(load_with_fixed_pad)
 sys.path.insert(0, sys.argv[2])
 from test_gpu_paths import _step_hashes
-from grit.study import arms
+from grit_study import arms
 preset = arms.study_preset("tiny")
 res = arms.run_baseline(preset, logdir=sys.argv[1] + "/logs", output_dir=sys.argv[1] + "/out", train=False)
 print("HASHES " + json.dumps({"pad": res.tokenizer.pad_token_id,
@@ -145,7 +145,7 @@ import importlib.util, json, sys
 # and `import datasets` raises ModuleNotFoundError.
 sys.modules["datasets"] = None
 assert importlib.util.find_spec("datasets") is None
-from grit.study import arms
+from grit_study import arms
 preset = arms.study_preset("tiny")
 res = arms.run_hf(preset, "grit", logdir=sys.argv[1] + "/logs", output_dir=sys.argv[1] + "/out")
 assert sys.modules["datasets"] is None

@@ -228,8 +228,8 @@ def test_nan_injected_into_a_factor_is_skipped_counted_and_replaced():
 def test_4bit_bitsandbytes_model_is_found_and_preconditioned():
     from bitsandbytes.nn import Linear4bit
 
-    from grit.study.models import load_peft_model, load_tokenizer
-    from grit.study.presets import resolve_preset
+    from grit_study.models import load_peft_model, load_tokenizer
+    from grit_study.presets import resolve_preset
 
     preset = resolve_preset("tiny")
     model = load_peft_model(preset)

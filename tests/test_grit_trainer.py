@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from grit import GRITConfig, GRITManager, GritCallback, GritOptimizer, GritTrainer
 from grit.integrations.hf import GRIT_STATE_NAME
-from grit.study.data import PadCollator
+from grit_study.data import PadCollator
 from grit_fixtures import VOCAB, BruteForce, dense_natural_gradient, lora_pairs, tiny_lora_model
 
 PAD = 0
@@ -206,7 +206,7 @@ def test_sft_trainer_with_callback_sgd_step_is_the_natural_gradient(tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from grit.study.models import load_tokenizer
+    from grit_study.models import load_tokenizer
 
     class CPUSFTTrainer(SFTTrainer):
         """TRL 1.15 computes -Σlog p / num_items_in_batch with a Triton kernel that needs a GPU driver; on CPU
@@ -580,9 +580,9 @@ def test_nan_micro_batch_after_first_inversion_leaves_parameters_finite(tmp_path
 def test_study_4bit_model_trains_with_preconditioning(tmp_path):
     from peft.tuners.lora.bnb import Linear4bit
 
-    from grit.study import resolve_preset
-    from grit.study.data import build_study_data
-    from grit.study.models import load_peft_model, load_tokenizer
+    from grit_study import resolve_preset
+    from grit_study.data import build_study_data
+    from grit_study.models import load_peft_model, load_tokenizer
 
     preset = resolve_preset("tiny")
     model = load_peft_model(preset)

@@ -22,7 +22,7 @@ import json, sys
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from grit.study.merge import merge_lora
+from grit_study.merge import merge_lora
 
 def status(key):  # kB -> bytes
     with open("/proc/self/status") as f:

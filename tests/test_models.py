@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from grit.study.models import load_peft_model, load_tokenizer, smollm2_dir, tiny_dir
-from grit.study.presets import resolve_preset
+from grit_study.models import load_peft_model, load_tokenizer, smollm2_dir, tiny_dir
+from grit_study.presets import resolve_preset
 
 
 @pytest.mark.slow

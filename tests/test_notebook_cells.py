@@ -1,4 +1,4 @@
-"""The notebooks' shared cells are copies of grit.study.notebook_cells, and every notebook declares only
+"""The notebooks' shared cells are copies of grit_study.notebook_cells, and every notebook declares only
 the parameters it reads."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from grit.study import notebook_cells as nc
+from grit_study import notebook_cells as nc
 
 NOTEBOOKS = sorted(nc.NOTEBOOK_PARAMETERS)
 
@@ -17,7 +17,7 @@ NOTEBOOKS = sorted(nc.NOTEBOOK_PARAMETERS)
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_shared_cells_match_their_source(name):
     assert nc.differences(nc.NOTEBOOKS / f"{name}.ipynb") == [], \
-        "run `python -m grit.study.notebook_cells --write` after editing grit/study/notebook_cells.py"
+        "run `python -m grit_study.notebook_cells --write` after editing grit_study/notebook_cells.py"
 
 
 def test_a_hand_edited_copy_is_detected(tmp_path):

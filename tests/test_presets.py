@@ -3,8 +3,8 @@
 
 import pytest
 
-from grit.study import presets
-from grit.study.presets import PRESETS, resolve_preset
+from grit_study import presets
+from grit_study.presets import PRESETS, resolve_preset
 
 
 def test_seed_protocol_is_exact():

@@ -1,4 +1,4 @@
-"""grit.study.report on a synthetic sweep whose effects are known by construction."""
+"""grit_study.report on a synthetic sweep whose effects are known by construction."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 
-from grit.study import report, stats
+from grit_study import report, stats
 
 FAMILIES = ("json_pair", "arith", "reverse", "sort")
 

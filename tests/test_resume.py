@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from transformers import TrainerCallback
 
-from grit.study import arms
+from grit_study import arms
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_a_resumed_grit_run_equals_the_uninterrupted_one(tmp_path):
 
 
 def test_a_checkpoint_without_the_recorder_state_is_refused(tmp_path):
-    from grit.study.runs import RunRecorder
+    from grit_study.runs import RunRecorder
 
     (tmp_path / "checkpoint-2").mkdir()
     with pytest.raises(FileNotFoundError, match="grit_recorder.json"):

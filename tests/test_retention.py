@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grit.study.models import load_tokenizer
-from grit.study.retention import (GENERIC_PROMPTS, build_retention_set, lora_drift, retention_kl,
+from grit_study.models import load_tokenizer
+from grit_study.retention import (GENERIC_PROMPTS, build_retention_set, lora_drift, retention_kl,
                                   sequence_seed)
 
 HEADER = ("Below are some instructions that describe some tasks. Write responses that appropriately "
@@ -210,9 +210,9 @@ def test_drift_is_the_sum_of_frobenius_norms_of_the_updates(tok):
 
 @pytest.mark.slow
 def test_retention_summary_on_the_tiny_4bit_preset(tmp_path, monkeypatch):
-    from grit.study.models import load_peft_model
-    from grit.study.presets import resolve_preset
-    from grit.study.retention import retention_summary
+    from grit_study.models import load_peft_model
+    from grit_study.presets import resolve_preset
+    from grit_study.retention import retention_summary
 
     monkeypatch.setenv("GRIT_CACHE_DIR", str(tmp_path))
     preset = resolve_preset("tiny")

@@ -29,11 +29,11 @@ def recorded_run(tmp_path_factory):
     model the test evaluates afterwards is the one every step saw."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from grit.study import arms
-    from grit.study.data import PadCollator, as_hf_dataset
-    from grit.study.evaluate import eval_loss
-    from grit.study.models import load_peft_model, load_tokenizer
-    from grit.study.runs import RunRecorder
+    from grit_study import arms
+    from grit_study.data import PadCollator, as_hf_dataset
+    from grit_study.evaluate import eval_loss
+    from grit_study.models import load_peft_model, load_tokenizer
+    from grit_study.runs import RunRecorder
 
     tmp = tmp_path_factory.mktemp("run")
     preset = arms.study_preset("tiny", use_rslora=True, lora_alpha=8, max_steps=2, learning_rate=0.0,
@@ -68,7 +68,7 @@ def recorded_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_train_loss_is_token_weighted_ce_over_the_steps_micro_batches(recorded_run):
-    from grit.study.compare import read_scalars
+    from grit_study.compare import read_scalars
 
     r = recorded_run
     accum = r["preset"].gradient_accumulation_steps
@@ -92,8 +92,8 @@ def test_train_loss_is_token_weighted_ce_over_the_steps_micro_batches(recorded_r
 
 @pytest.mark.slow
 def test_eval_loss_is_token_weighted_ce_over_the_validation_set(recorded_run):
-    from grit.study.compare import read_scalars
-    from grit.study.data import PadCollator
+    from grit_study.compare import read_scalars
+    from grit_study.data import PadCollator
 
     r = recorded_run
     pad = PadCollator(0)
@@ -127,7 +127,7 @@ def test_batch_hashes_are_of_what_the_trainer_received(recorded_run):
 
 @pytest.mark.slow
 def test_scalar_names_read_back_by_tensorboard(recorded_run):
-    from grit.study.compare import read_scalars
+    from grit_study.compare import read_scalars
 
     scalars = read_scalars(recorded_run["run_dir"])
     for tag in ("train/loss", "eval/loss", "train/grad_norm", "train/learning_rate", "train/step_time_s",
@@ -144,7 +144,7 @@ def test_scalar_names_read_back_by_tensorboard(recorded_run):
 
 
 def test_parameters_explicit_then_environment_then_default(monkeypatch):
-    from grit.study.arms import param
+    from grit_study.arms import param
 
     monkeypatch.setenv("GRIT_LAMBDA_KFAC", "3e-4")
     monkeypatch.setenv("GRIT_PRECONDITION", "false")
@@ -159,9 +159,9 @@ def test_parameters_explicit_then_environment_then_default(monkeypatch):
 
 def test_every_arm_is_defined_once_and_builds_what_it_says():
     from grit import GRITConfig
-    from grit.study.arms import grit_config
-    from grit.study.presets import resolve_preset
-    from grit.study.registry import ARMS, PUBLISHED_GRIT, get_arm
+    from grit_study.arms import grit_config
+    from grit_study.presets import resolve_preset
+    from grit_study.registry import ARMS, PUBLISHED_GRIT, get_arm
 
     preset = resolve_preset("tiny")
     assert {"baseline", "control", "grit", "grit_published", "control_sgd", "grit_sgd", "riemannian",
@@ -186,9 +186,9 @@ def test_sgd_arms_get_momentum_and_peers_wrap_the_controls_optimizer(tmp_path):
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from grit.study import arms
-    from grit.study.models import load_peft_model
-    from grit.study.registry import SGD_MOMENTUM, get_arm
+    from grit_study import arms
+    from grit_study.models import load_peft_model
+    from grit_study.registry import SGD_MOMENTUM, get_arm
 
     preset = arms.study_preset("tiny")
     sgd = TrainingArguments(**arms.training_arguments(preset, str(tmp_path), optimizer="sgd"))

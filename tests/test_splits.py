@@ -13,9 +13,9 @@ from collections import Counter
 
 import pytest
 
-from grit.study.data import IGNORE_INDEX, DataError, build_study_data, split_by_prompt
-from grit.study.models import load_tokenizer
-from grit.study.synthetic import FAMILIES
+from grit_study.data import IGNORE_INDEX, DataError, build_study_data, split_by_prompt
+from grit_study.models import load_tokenizer
+from grit_study.synthetic import FAMILIES
 
 HEADER = ("Below are some instructions that describe some tasks. Write responses that appropriately "
           "complete each request.")
@@ -104,8 +104,8 @@ def test_file_source_with_duplicates_is_split_disjoint(tok, tmp_path):
 
 SCRIPT = """
 import json, sys
-from grit.study.data import build_study_data
-from grit.study.models import load_tokenizer
+from grit_study.data import build_study_data
+from grit_study.models import load_tokenizer
 d = build_study_data(load_tokenizer("builtin:tiny"), source=sys.argv[1], num_examples=400, val_size=24,
                      test_size=40, max_seq_length=128, data_seed=int(sys.argv[2]))
 print(json.dumps([d.train_fingerprint, d.val_fingerprint, d.test_fingerprint, [r["id"] for r in d.test_rows]]))

@@ -1,4 +1,4 @@
-"""grit.study.stats against scipy, hand computations and Monte Carlo simulation (fixed seeds)."""
+"""grit_study.stats against scipy, hand computations and Monte Carlo simulation (fixed seeds)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from grit.study import stats
+from grit_study import stats
 
 
 def _rec(arm, lr, seed, val, *, tier=1, steps=60, **extra):

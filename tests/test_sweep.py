@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grit.study import sweep
+from grit_study import sweep
 
 
 def _rec(arm, lr, val, tier=1, seed=sweep.BASE_SEED, steps=60, test=None):
@@ -86,7 +86,7 @@ def test_an_interrupted_sweep_resumes_with_only_what_is_left(tmp_path, capfd):
     import json
     from dataclasses import asdict
 
-    from grit.study.files import PREDICTIONS_NAME, SUMMARY_NAME
+    from grit_study.files import PREDICTIONS_NAME, SUMMARY_NAME
 
     logdir, adapters = tmp_path / "logs", tmp_path / "adapters"
     first, second = "control/lr2e-04_seed3407_steps4", "grit/lr2e-04_seed3407_steps4"

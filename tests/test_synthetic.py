@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from grit.study.data import tokenize_row
-from grit.study.models import load_tokenizer
-from grit.study.synthetic import (DIFFICULTY, FAMILIES, check_row, describe, prompt_space, resolve_difficulty,
+from grit_study.data import tokenize_row
+from grit_study.models import load_tokenizer
+from grit_study.synthetic import (DIFFICULTY, FAMILIES, check_row, describe, prompt_space, resolve_difficulty,
                                   synthetic_rows)
 
 ORDINAL = {w: i for i, w in enumerate(["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth",

@@ -54,7 +54,7 @@ def check_against_numpy(source, loaded, ks: dict):
 
 
 def test_truncated_adapter_reloads_with_peft_as_the_numpy_svd_cut(tmp_path):
-    from grit.study.truncate import truncate_adapter
+    from grit_study.truncate import truncate_adapter
 
     model = tiny_lora_model(seed=0, r=R, alpha=ALPHA)
     info = truncate_adapter(model, 2, tmp_path / "k2")
@@ -75,7 +75,7 @@ def test_truncated_adapter_reloads_with_peft_as_the_numpy_svd_cut(tmp_path):
 
 
 def test_per_module_ranks_via_rank_pattern(tmp_path):
-    from grit.study.truncate import truncate_adapter
+    from grit_study.truncate import truncate_adapter
 
     model = tiny_lora_model(seed=1, r=R, alpha=ALPHA)
     names = sorted(delta_w(model))
@@ -95,7 +95,7 @@ def test_per_module_ranks_via_rank_pattern(tmp_path):
 
 
 def test_rank_at_least_r_keeps_delta_w(tmp_path):
-    from grit.study.truncate import truncate_adapter
+    from grit_study.truncate import truncate_adapter
 
     model = tiny_lora_model(seed=2, r=R, alpha=ALPHA)
     info = truncate_adapter(model, R + 3, tmp_path / "full")
@@ -114,7 +114,7 @@ def test_rank_at_least_r_keeps_delta_w(tmp_path):
 
 
 def test_ranks_must_name_every_module(tmp_path):
-    from grit.study.truncate import truncate_adapter
+    from grit_study.truncate import truncate_adapter
 
     model = tiny_lora_model(seed=0, r=R, alpha=ALPHA)
     names = sorted(delta_w(model))
@@ -134,7 +134,7 @@ def energy_rank_numpy(F: np.ndarray, threshold: float, min_rank: int) -> int:
 @pytest.mark.parametrize("combine", ["max", "min"])
 def test_grit_ranks_combine_the_factor_energy_ranks(combine):
     from grit import GRITConfig, GRITManager
-    from grit.study.truncate import grit_ranks
+    from grit_study.truncate import grit_ranks
 
     r, threshold = 8, 0.9
     model = tiny_lora_model(seed=3, r=r, alpha=ALPHA)
@@ -161,9 +161,9 @@ def test_grit_ranks_combine_the_factor_energy_ranks(combine):
 
 
 def test_grit_full_is_grit_plus_reprojection_at_the_preset_frequency():
-    from grit.study.arms import grit_config
-    from grit.study.presets import PRESETS
-    from grit.study.registry import get_arm
+    from grit_study.arms import grit_config
+    from grit_study.presets import PRESETS
+    from grit_study.registry import get_arm
 
     # The published 50 of 200 steps, scaled to each preset's run length; the grit arm's config is untouched
     # (GRITConfig's default), so adding grit_full changed no other arm's recorded definition.

@@ -3,5 +3,5 @@
 * ``grit.integrations.optimizer``: ``GritOptimizer`` (plain torch: a step pre-hook on any optimizer);
 * ``grit.integrations.hf``: ``GritTrainer``, ``GritCallback`` and the checkpoint helpers (transformers).
 
-Import rule (tests/test_imports.py): the glue imports the core, never ``grit.study``.
+Import rule (tests/test_imports.py): the glue imports the core, never ``grit_study``.
 """

@@ -120,7 +120,7 @@ def check_fingerprints(runs: Sequence[Run]) -> str:
         key = (r.summary.get("train_fingerprint"), r.summary.get("val_fingerprint"))
         if None in key:
             raise FingerprintMismatch(f"run {r.name} records no data fingerprints; it was not written by "
-                                      "grit.study.runs and cannot be compared")
+                                      "grit_study.runs and cannot be compared")
         seen.setdefault(key + (r.summary.get("test_fingerprint"),), []).append(r.name)
     if len(seen) > 1:
         detail = "; ".join(f"train={t} val={v} test={te}: {', '.join(names)}" for (t, v, te), names in seen.items())
@@ -274,7 +274,7 @@ def results_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "steps": s.get("steps"),
             "preconditioned": s.get("preconditioned_steps"), "final train loss": s.get("final_train_loss"),
             "eval loss step 0": evals.get("0"), "final eval loss": evals.get(last) if last else None,
-            # The final evaluation (grit.study.arms.final_evaluation): on test, or val where a run has no test split.
+            # The final evaluation (grit_study.arms.final_evaluation): on test, or val where a run has no test split.
             "test loss": s.get("test_loss"), "retention KL": s.get("retention_kl"), "drift": s.get("drift"),
             "exact match": s.get("exact_match"), "base exact match": s.get("base_exact_match"),
             "median s/step": s.get("median_s_per_step"), "mean s/step": s.get("mean_s_per_step"),

@@ -90,7 +90,7 @@ def collator(preset: Preset, shared_tokenizer, loss_on_padding: bool = False) ->
 
 def training_arguments(preset: Preset, output_dir: str, optimizer: str = "adamw") -> dict[str, Any]:
     """The TrainingArguments fields every arm shares (SFTConfig takes them too). ``optimizer``: the arm's
-    family ('adamw' = the preset's optimizer, 'sgd' = SGD with momentum, grit.study.registry)."""
+    family ('adamw' = the preset's optimizer, 'sgd' = SGD with momentum, grit_study.registry)."""
     optim = dict(optim=preset.optim) if optimizer == "adamw" else dict(optim="sgd", optim_args=f"momentum={SGD_MOMENTUM}")
     # HF's data_seed orders the batches: the training seed's job. The preset's data_seed draws the splits.
     return dict(
@@ -172,7 +172,7 @@ GENERATION_BATCH = 64
 
 def retention_figures(res: ArmResult) -> dict[str, Any]:
     """Retention KL(base || tuned) on the fixed texts sampled once from the untuned 4-bit base, and the
-    drift sum of ||s B A||_F (grit.study.retention); cheap enough for every run, tuning runs included."""
+    drift sum of ||s B A||_F (grit_study.retention); cheap enough for every run, tuning runs included."""
     from .retention import retention_summary
 
     p = res.preset
@@ -260,7 +260,7 @@ def reload_arm(preset: Preset, spec: ArmSpec, adapter_dir: str | Path, run_dir: 
 
 
 def export_figures(res: ArmResult) -> dict[str, Any]:
-    """Merge into the 16-bit base, convert to GGUF q8_0 (grit.study.export), and evaluate both on the
+    """Merge into the 16-bit base, convert to GGUF q8_0 (grit_study.export), and evaluate both on the
     shared validation set: the figures that show what deployment costs in loss."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -2,7 +2,7 @@
 02's ``ARM`` parameter and ``03_compare`` all read this table, and every run records its arm's full
 definition (``ArmSpec.to_dict()``) in ``run_summary.json``.
 
-    from grit.study.registry import ARMS, get_arm
+    from grit_study.registry import ARMS, get_arm
     spec = get_arm("grit_sgd")   # SGD with momentum 0.9 + GRIT (grafting kept)
 
 What an arm may differ in: the stack (Unsloth + TRL, or HF + PEFT), the optimizer family (the
@@ -44,7 +44,7 @@ class ArmSpec:
         default=None,
         metadata={"help": "GRITConfig fields over its defaults; None builds no GRIT object at all. lora_rank and "
                   "kfac_update_freq come from the preset; an arm that reprojects does so every max_steps // 4 "
-                  "steps (grit.study.arms.grit_config): GRIT's frequencies belong to the run length."})
+                  "steps (grit_study.arms.grit_config): GRIT's frequencies belong to the run length."})
     peer: str | None = field(
         default=None,
         metadata={"help": f"A PEFT optimizer factory ({PEERS}) wrapped around the control's exact optimizer class."})
@@ -117,7 +117,7 @@ ARMS: dict[str, ArmSpec] = {a.name: a for a in _ARMS}
 
 def get_arm(name: str) -> ArmSpec:
     if name not in ARMS:
-        raise ValueError(f"unknown arm {name!r}; the registry (grit.study.registry.ARMS) has {sorted(ARMS)}")
+        raise ValueError(f"unknown arm {name!r}; the registry (grit_study.registry.ARMS) has {sorted(ARMS)}")
     return ARMS[name]
 
 

@@ -10,7 +10,7 @@ and builds llama.cpp from the internet. Every output is written under a temporar
 when complete, so an interrupted export never leaves a finished-looking file.
 
 The prompt format travels with the model three times, and all three render the training
-formatter's text (``grit.study.data.format_prompt``) for one user turn: the merged tokenizer's
+formatter's text (``grit_study.data.format_prompt``) for one user turn: the merged tokenizer's
 ``chat_template`` (Jinja, copied into the GGUF metadata by the converter), and the Modelfile's
 ``TEMPLATE`` (Go template, Ollama) with its ``SYSTEM`` line. ``PARAMETER stop`` holds the EOS
 token(s): without them Ollama generates past the end of the answer.
@@ -270,7 +270,7 @@ def deploy_ollama(result: ExportResult, name: str, test_prompt: str, *, num_pred
 def eval_loss_hf(model, examples: list[dict], batch_size: int = 8) -> dict:
     """Token-weighted response cross-entropy of an HF causal LM on ``examples`` (input_ids/labels).
 
-    The same code path as every arm's ``eval/loss`` (``grit.study.evaluate.eval_loss``), so the merged
+    The same code path as every arm's ``eval/loss`` (``grit_study.evaluate.eval_loss``), so the merged
     model's figure is comparable with the trained model's. Returns {"loss", "tokens"}.
     """
     from .evaluate import eval_loss

@@ -11,7 +11,7 @@ computed by one code path:
     loss without any GRIT regularizer), which transformers 5.x computes as ``sum / num_items_in_batch``
     when the model accepts loss kwargs, else as the micro-batch mean.
 ``eval/loss``
-    Token-weighted CE over the shared validation set (``grit.study.evaluate.eval_loss``), at step 0
+    Token-weighted CE over the shared validation set (``grit_study.evaluate.eval_loss``), at step 0
     (the base model: LoRA B starts at zero), every ``eval_steps`` and after the last step. The
     Trainers' own evaluation is off (it averages per-batch means, which is not token-weighted).
 batch hashes

@@ -1,8 +1,8 @@
 """``make sweep``: the study's verdict protocol, in tiers, one run at a time, resumable.
 
-    python -m grit.study.sweep --dry-run     # the plan and its estimated time, nothing run
-    python -m grit.study.sweep               # run what is not done yet (skips finished runs)
-    python -m grit.study.sweep --tiers 1     # only tier 1
+    python -m grit_study.sweep --dry-run     # the plan and its estimated time, nothing run
+    python -m grit_study.sweep               # run what is not done yet (skips finished runs)
+    python -m grit_study.sweep --tiers 1     # only tier 1
 
 Tiers (issue "A verdict with power"):
 
@@ -10,19 +10,19 @@ Tiers (issue "A verdict with power"):
    usual value, one seed, ``preset.max_steps`` steps, validation loss only (no decoding, no test).
    The adapter is saved. Whenever an arm's best rate sits at an edge of what it tried, one more point
    outward is added (at most ``MAX_EXTENSIONS`` per arm). Each arm's rate is the one with the lowest
-   final validation loss (``grit.study.stats.choose_learning_rates``).
+   final validation loss (``grit_study.stats.choose_learning_rates``).
 2. Seeds at each chosen configuration, with the full evaluation (test loss, exact match with every
    prediction saved, retention KL, drift): ``control`` and ``grit`` at 5 seeds, the others at 3,
    ``grit_published`` at 1, ``loraplus`` at the control's rate. The tier-1 run is one of the seeds: its
    saved adapter is evaluated on the test split instead of retraining.
 3. Length: ``control`` and ``grit`` for ``TIER3_STEPS`` steps at 3 seeds, evaluated every 25 steps.
-4. GRIT's other claims (``grit.study.claims``): ``grit_full`` at 3 seeds, its adapter and the control's cut
+4. GRIT's other claims (``grit_study.claims``): ``grit_full`` at 3 seeds, its adapter and the control's cut
    to GRIT's ranks, ``control_rk``, and the one-seed regularizer and EMA runs. A cut whose source adapter
    is not on disk trains the source again first and checks it reproduces the committed run. Reported
    apart from the verdict (``--report`` writes both), so it never enters the verdict's comparison family.
 
 Every run lives in ``<logdir>/<arm>/lr<lr>_seed<seed>_steps<steps>/`` and runs in its own process
-(``python -m grit.study.sweep --one ...``). A run is done when its ``run_summary.json`` records the same
+(``python -m grit_study.sweep --one ...``). A run is done when its ``run_summary.json`` records the same
 definition (arm, preset fields, learning rate, seed, steps, evaluation); a directory without one is an
 interrupted run and is started again from scratch. Logs go to ``tensorboard_logs/sweep/`` by default.
 """
@@ -139,7 +139,7 @@ def status(logdir: Path, run: PlannedRun, preset_name: str) -> str:
 
 
 def finished_records(logdir: Path) -> list[dict[str, Any]]:
-    """Every finished sweep run under ``logdir`` as a record for grit.study.stats / report."""
+    """Every finished sweep run under ``logdir`` as a record for grit_study.stats / report."""
     out = []
     for f in sorted(logdir.rglob(SUMMARY_NAME)):
         s = json.loads(f.read_text())
@@ -154,7 +154,7 @@ def finished_records(logdir: Path) -> list[dict[str, Any]]:
             "retention_kl": s.get("retention_kl"), "drift": s.get("drift"),
             "median_s_per_step": s.get("median_s_per_step"), "median_cpu_s_per_step": s.get("median_cpu_s_per_step"),
             "seconds": s.get("sweep", {}).get("seconds"), "run_dir": str(f.parent),
-            # What tier 4's report (grit.study.claims) reads besides.
+            # What tier 4's report (grit_study.claims) reads besides.
             "parameters": s.get("trainable_parameters"), "adapter_bytes": s.get("adapter_bytes"),
             "truncation": s.get("truncation"), "projector_truncation": s.get("projector_truncation"),
             "parameter_curve": s.get("parameter_curve"), "source_test_loss": s.get("source_test_loss"),
@@ -328,12 +328,12 @@ CLAIMS_MARKERS = ("<!-- claims:start -->", "<!-- claims:end -->")
 
 
 def write_verdict(logdir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
-    """The verdict table and plots from the finished sweep runs under ``logdir`` (grit.study.report), written
+    """The verdict table and plots from the finished sweep runs under ``logdir`` (grit_study.report), written
     to ``out_dir`` (plots + ``verdict.md``); returns the Markdown. ``03_compare`` and ``--report`` call this."""
     from .files import atomic_write_text
     from .report import write_report
 
-    # Tier 4 answers other questions (grit.study.claims): its runs stay out of the verdict's comparisons.
+    # Tier 4 answers other questions (grit_study.claims): its runs stay out of the verdict's comparisons.
     records = [r for r in finished_records(Path(logdir)) if r["tier"] in VERDICT_TIERS]
     if not records:
         raise FileNotFoundError(f"no finished sweep runs under {logdir}; run `make sweep` first")
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         # (outputs/), so on another checkout it is trained again instead, from the same seed and code.
         evaluate_only = states[run.name] == "needs_test" and (adapters / run.name / "adapter").is_dir()
         print(f"[sweep] {'evaluating' if evaluate_only else 'running'} {run.describe()}", flush=True)
-        cmd = [sys.executable, "-m", "grit.study.sweep", "--one", json.dumps(asdict(run)), "--logdir", str(logdir),
+        cmd = [sys.executable, "-m", "grit_study.sweep", "--one", json.dumps(asdict(run)), "--logdir", str(logdir),
                "--adapters", str(adapters), "--preset", preset_name] + (["--evaluate-only"] if evaluate_only else [])
         t0 = time.time()
         proc = subprocess.run(cmd, env=os.environ.copy())
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_claims_report(logdir: str | os.PathLike, out_dir: str | os.PathLike, preset_name: str) -> str:
-    """README's "GRIT's claims" section (grit.study.claims) from the finished runs under ``logdir``, at the
+    """README's "GRIT's claims" section (grit_study.claims) from the finished runs under ``logdir``, at the
     learning rates tier 1 chose; its plot goes to ``out_dir``."""
     from .claims import write_claims
     from .files import atomic_write_text

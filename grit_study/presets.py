@@ -1,6 +1,6 @@
 """Model and training presets: the one place every notebook, benchmark and test reads its settings.
 
-    from grit.study import resolve_preset
+    from grit_study import resolve_preset
     p = resolve_preset()                      # auto: CUDA -> llama3-8b, else smollm2-135m
     p = resolve_preset("tiny", max_steps=3)   # explicit parameters win over everything
 
@@ -23,7 +23,7 @@ class Preset:
     name: str = field(metadata={"help": "Preset name, recorded in every run summary."})
     model_id: str = field(
         metadata={"help": "Base model of the HF arms: a hub id, a local HF folder, or 'builtin:<name>' "
-                  "for a model this package builds offline (see grit.study.models)."})
+                  "for a model this package builds offline (see grit_study.models)."})
     baseline_model_id: str = field(
         metadata={"help": "Base model of the Unsloth arm. Must hold the same weights as model_id "
                   "(pre-quantized by Unsloth on the GPU preset, the same folder on CPU presets)."})

@@ -1,6 +1,6 @@
 """Cut a trained LoRA adapter to per-module ranks k by SVD and save it as a real, smaller PEFT adapter.
 
-    from grit.study.truncate import grit_ranks, truncate_adapter
+    from grit_study.truncate import grit_ranks, truncate_adapter
     ks = grit_ranks(result.grit_manager)                       # GRIT's effective ranks, per module
     info = truncate_adapter(result.model, ks, "outputs/grit_full_k")  # or one global k: ranks=8
     info["parameters"], info["bytes"], info["relative_error"]

@@ -59,7 +59,7 @@ def normalize_record(record: Mapping[str, Any], index: int | None = None) -> dic
     missing = [k for k in REQUIRED_KEYS if record.get(k) is None]
     if missing:
         raise ValueError(f"{where} (arm {record.get('arm')!r}) lacks {missing}; every run record needs "
-                         f"{list(REQUIRED_KEYS)} (see grit.study.stats.normalize_record)")
+                         f"{list(REQUIRED_KEYS)} (see grit_study.stats.normalize_record)")
     out = dict(record)
     out["arm"] = str(record["arm"])
     out["learning_rate"] = float(record["learning_rate"])

@@ -1,4 +1,4 @@
-"""The sweep's verdict table and plots, from a list of run records (see ``grit.study.stats``).
+"""The sweep's verdict table and plots, from a list of run records (see ``grit_study.stats``).
 
     md = write_report(records, "readme_files")   # writes the PNGs there, returns the Markdown
 
@@ -237,7 +237,7 @@ def write_report(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLik
                  image_prefix: str | None = None, n_boot: int = 10_000, rng_seed: int = 0) -> str:
     """Write the plots into ``out_dir`` and return the report as Markdown.
 
-    ``records``: every run of the sweep (tiers 1-3), dicts as ``grit.study.stats.normalize_record`` reads.
+    ``records``: every run of the sweep (tiers 1-3), dicts as ``grit_study.stats.normalize_record`` reads.
     ``primary_steps``: the run length whose ``primary_arm`` vs ``reference`` test-loss comparison is the
     primary one (default: the shortest length at which both arms were evaluated); at other lengths every
     comparison is secondary, in that length's own Holm family. ``learning_rates``: arm -> rate, only

@@ -4,8 +4,8 @@ The Colab set-up cell has to stay inline in each notebook (it runs before the re
 Colab VM), and papermill needs a literal ``parameters`` cell; so both are generated from this module and
 ``tests/test_notebooks_cells.py`` checks that every notebook's copy matches.
 
-    python -m grit.study.notebook_cells          # says which notebooks differ from the source
-    python -m grit.study.notebook_cells --write  # rewrites their shared cells
+    python -m grit_study.notebook_cells          # says which notebooks differ from the source
+    python -m grit_study.notebook_cells --write  # rewrites their shared cells
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 COLAB_TAG = "colab-setup"
 PARAMETERS_TAG = "parameters"
 
@@ -67,7 +67,7 @@ else:
 # name -> the comment line above it in every parameters cell. None always means: the GRIT_<NAME>
 # environment variable if set, else the preset's (or the notebook's) default.
 PARAMETERS = {
-    "ARM": 'ARM: an arm of the registry (grit.study.registry.ARMS), e.g. "grit", "control", "grit_sgd", "riemannian"',
+    "ARM": 'ARM: an arm of the registry (grit_study.registry.ARMS), e.g. "grit", "control", "grit_sgd", "riemannian"',
     "PRESET": 'PRESET: "llama3-8b" (CUDA), "smollm2-135m" (CPU default), "tiny" (tests); None = auto',
     "DATA": 'DATA: "synthetic", "hub:vicgalle/alpaca-gpt4", or a .json/.jsonl/.csv path',
     "MAX_STEPS": "MAX_STEPS: optimizer steps",
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path.name}: {'rewritten' if write(path) else 'up to date'}")
         elif diff := differences(path):
             stale += 1
-            print(f"{path.name}: differs in {diff}; run python -m grit.study.notebook_cells --write")
+            print(f"{path.name}: differs in {diff}; run python -m grit_study.notebook_cells --write")
     return 1 if stale else 0
 
 

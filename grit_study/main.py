@@ -1,7 +1,7 @@
 """The main job: execute the study's notebooks with papermill and keep the executed copies.
 
-    python -m grit.study.main study       # 01 baseline, 02 GRIT, 02 control, 03 compare (make study)
-    python -m grit.study.main ablations   # natural gradient only, regularizers only, reference pairing,
+    python -m grit_study.main study       # 01 baseline, 02 GRIT, 02 control, 03 compare (make study)
+    python -m grit_study.main ablations   # natural gradient only, regularizers only, reference pairing,
                                           # the published padding artifact, GRIT without grafting (the
                                           # published scale), then 03 again (make ablations)
 
@@ -18,11 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 COMPARE = "03_compare"
 
-# Which notebook runs each arm, and the arms of each job: both from the registry (grit.study.registry).
+# Which notebook runs each arm, and the arms of each job: both from the registry (grit_study.registry).
 STUDY_ARMS = ("baseline", "grit", "control")
 
 

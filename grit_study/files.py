@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-SUMMARY_NAME = "run_summary.json"      # one per run directory, written by grit.study.runs.RunRecorder
+SUMMARY_NAME = "run_summary.json"      # one per run directory, written by grit_study.runs.RunRecorder
 PREDICTIONS_NAME = "predictions.jsonl"  # every test prediction of a final run
 
 

@@ -9,7 +9,7 @@ Runs, at the chosen rates (``grit``'s for the GRIT arms, ``control``'s for the c
   secondary row, the projector truncation: A <- P_A A, B <- B P_B with the last inversion's
   energy-rank projectors, written at rank k and reloaded with PEFT (test loss only).
 - ``grit_full_truncated`` / ``control_truncated`` (derived, nothing trained): the saved adapter of
-  ``grit_full`` / of the tier-2 ``control`` at the same seed, cut by SVD (``grit.study.truncate``) to
+  ``grit_full`` / of the tier-2 ``control`` at the same seed, cut by SVD (``grit_study.truncate``) to
   that seed's ``grit_full`` ranks, saved as a real PEFT adapter, loaded back with plain PEFT on a fresh
   base and given the full evaluation. A source adapter not on disk (adapters are not committed) is trained
   again from its seed first, and must reproduce the committed run's batch hashes and validation losses. The same process measures the parameter curve: test loss of the
@@ -23,7 +23,7 @@ Runs, at the chosen rates (``grit``'s for the GRIT arms, ``control``'s for the c
 
 The claim "fewer parameters at no loss" holds only if cutting ``grit_full`` costs less test loss than
 cutting the control to the same ranks and than training ``control_rk``: each a paired-by-seed
-difference of losses with a 95% t-interval (``grit.study.stats``).
+difference of losses with a 95% t-interval (``grit_study.stats``).
 """
 
 from __future__ import annotations
@@ -329,7 +329,7 @@ def _cell(values: Sequence[float], spec: str) -> str:
 
 def claims_markdown(records: Sequence[Mapping[str, Any]], *, steps: int, lr_grit: float, lr_control: float,
                     base_seed: int, image_prefix: str, curve_plot: str | None) -> str:
-    """The README section "GRIT's claims" from the finished runs (``grit.study.sweep.finished_records``: tier 4
+    """The README section "GRIT's claims" from the finished runs (``grit_study.sweep.finished_records``: tier 4
     and the tier-2 grit/control runs); runs without a test evaluation are left out."""
     from .stats import paired_difference, verdict
 
