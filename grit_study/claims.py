@@ -38,6 +38,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .tables import markdown_table, mean_sd_cell
+
 CLAIM_SEEDS = 3
 ONE_SEED_ARMS = ("grit_ema", "grit_reg_x100", "grit_reg_x10000")
 CURVE_KS = (1, 2, 4, 8)
@@ -114,12 +116,13 @@ def definition_extra(run) -> dict[str, Any]:
 
 def ranks_of(logdir: Path, run_name: str) -> dict[str, int]:
     """The per-module GRIT ranks a finished ``grit_full`` run recorded (``grit_ranks[RANK_COMBINE]``)."""
-    from .files import SUMMARY_NAME
+    from .files import SUMMARY_NAME, read_summary
 
     path = Path(logdir) / run_name / SUMMARY_NAME
-    if not path.is_file():
+    summary = read_summary(Path(logdir) / run_name, missing_ok=True)
+    if summary is None:
         raise FileNotFoundError(f"{path} does not exist: run {run_name} first")
-    ranks = json.loads(path.read_text()).get("grit_ranks", {}).get(RANK_COMBINE)
+    ranks = summary.get("grit_ranks", {}).get(RANK_COMBINE)
     if not ranks:
         raise ValueError(f"{path} records no grit_ranks: it was not trained with a GRIT manager by this code; "
                          "delete the run directory and rerun the sweep")
@@ -319,14 +322,6 @@ def _select(records, arm: str, seeds: Sequence[int], steps: int, lr: float | Non
             and (lr is None or math.isclose(r["learning_rate"], lr, rel_tol=1e-9))}
 
 
-def _cell(values: Sequence[float], spec: str) -> str:
-    if not values:
-        return "–"
-    x = np.asarray(values, dtype=np.float64)
-    text = format(float(x.mean()), spec)
-    return text + (f" ± {format(float(x.std(ddof=1)), spec)}" if len(x) > 1 else "")
-
-
 def claims_markdown(records: Sequence[Mapping[str, Any]], *, steps: int, lr_grit: float, lr_control: float,
                     base_seed: int, image_prefix: str, curve_plot: str | None) -> str:
     """The README section "GRIT's claims" from the finished runs (``grit_study.sweep.finished_records``: tier 4
@@ -352,18 +347,20 @@ def claims_markdown(records: Sequence[Mapping[str, Any]], *, steps: int, lr_grit
           "`adapter_model.safetensors`. A cut adapter is reloaded with plain PEFT before it is evaluated. "
           "k per module is max(k_A, k_B) of GRIT's 99%-energy ranks at its last factor inversion.", ""]
     header = ["row", "seeds"] + [t for _, t, _ in CLAIM_COLUMNS] + ["what"]
-    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for label, arm, what in CLAIM_ROWS:
         rs = list(by[arm].values())
-        cells = [_cell([r[key] for r in rs if r.get(key) is not None], spec) for key, _, spec in CLAIM_COLUMNS]
-        md.append("| " + " | ".join([label, str(len(rs))] + cells + [what]) + " |")
+        cells = [mean_sd_cell([r[key] for r in rs if r.get(key) is not None], spec)
+                 for key, _, spec in CLAIM_COLUMNS]
+        body.append([label, str(len(rs))] + cells + [what])
     proj = [r["projector_truncation"] for r in by["grit_full"].values() if r.get("projector_truncation")]
     if proj:
-        md.append("| grit_full (projector truncation, secondary) | " + str(len(proj)) + " | "
-                  + _cell([p["parameters"] for p in proj], ",.0f") + " | " + _cell([p["bytes"] for p in proj], ",.0f")
-                  + " | " + _cell([p["test_loss"] for p in proj], ".4f") + " | – | – | – | weights projected by "
-                  "P_A, P_B as reprojection does, test loss only |")
-    md.append("")
+        body.append(["grit_full (projector truncation, secondary)", str(len(proj)),
+                     mean_sd_cell([p["parameters"] for p in proj], ",.0f"),
+                     mean_sd_cell([p["bytes"] for p in proj], ",.0f"),
+                     mean_sd_cell([p["test_loss"] for p in proj], ".4f"), "–", "–", "–",
+                     "weights projected by P_A, P_B as reprojection does, test loss only"])
+    md += markdown_table(header, body) + [""]
 
     # The claim: the cut costs grit_full less than cutting the control or training control_rk. The added loss
     # alone favours grit_full: reprojection has already projected its weights onto rank-k subspaces during
@@ -390,11 +387,11 @@ def claims_markdown(records: Sequence[Mapping[str, Any]], *, steps: int, lr_grit
         try:
             d = paired_difference(ours, other)
         except ValueError as e:
-            rows.append(f"| {what} | {measure} | – | – | open: {e} |")
+            rows.append([what, measure, "–", "–", f"open: {e}"])
             continue
         v = verdict(d, "test_loss")
-        rows.append(f"| {what} | {measure} | {d.n} | {d.mean:+.4f} [{d.lower:+.4f}, {d.upper:+.4f}] | {v.text} |")
-    md += ["| comparison | measure | seeds | Δ (first − second) | verdict |", "|---|---|---|---|---|"] + rows + [""]
+        rows.append([what, measure, str(d.n), f"{d.mean:+.4f} [{d.lower:+.4f}, {d.upper:+.4f}]", v.text])
+    md += markdown_table(["comparison", "measure", "seeds", "Δ (first − second)", "verdict"], rows) + [""]
 
     md += _ablation_markdown(records, steps, lr_grit, base_seed)
     if curve_plot:
@@ -410,23 +407,23 @@ def _ablation_markdown(records, steps: int, lr_grit: float, seed: int) -> list[s
     rows = (("grit (published λ, mean statistics)", "grit"), ("grit, λ × 100", "grit_reg_x100"),
             ("grit, λ × 10,000", "grit_reg_x10000"), ("grit, EMA statistics (per-step decay)", "grit_ema"))
     out = [f"Regularizers and statistics, one seed ({seed}), grit's learning rate (descriptive: one seed "
-           "cannot give an interval):", "",
-           "| run | λ_kfac | λ_reproj | stat_update | test loss | exact match | retention KL | drift | reg_kfac | "
-           "reg_reproj |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "cannot give an interval):", ""]
+    header = ["run", "λ_kfac", "λ_reproj", "stat_update", "test loss", "exact match", "retention KL", "drift",
+              "reg_kfac", "reg_reproj"]
+    body = []
     for label, arm in rows:
         r = _select(records, arm, [seed], steps, lr_grit).get(seed)
         if r is None:
-            out.append(f"| {label} | – | – | – | not run yet | | | | | |")
+            body.append([label, "–", "–", "–", "not run yet"] + [""] * 5)
             continue
         cfg, gm = r.get("grit_config") or {}, r.get("grit_metrics") or {}
 
         def f(x, spec=".4g"):
             return "–" if x is None else format(x, spec)
-        out.append(f"| {label} | {f(cfg.get('lambda_kfac'))} | {f(cfg.get('lambda_reproj'))} | "
-                   f"{cfg.get('stat_update', '–')} | {f(r['test_loss'], '.4f')} | {f(r.get('exact_match'), '.3f')} | "
-                   f"{f(r.get('retention_kl'))} | {f(r.get('drift'))} | {f(gm.get('grit/reg_kfac'))} | "
-                   f"{f(gm.get('grit/reg_reproj'))} |")
-    return out + [""]
+        body.append([label, f(cfg.get("lambda_kfac")), f(cfg.get("lambda_reproj")), str(cfg.get("stat_update", "–")),
+                     f(r["test_loss"], ".4f"), f(r.get("exact_match"), ".3f"), f(r.get("retention_kl")),
+                     f(r.get("drift")), f(gm.get("grit/reg_kfac")), f(gm.get("grit/reg_reproj"))])
+    return out + markdown_table(header, body) + [""]
 
 
 def plot_parameter_curve(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:

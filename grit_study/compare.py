@@ -13,14 +13,14 @@ as the fair arms: its loss counts padding tokens and is not the same quantity.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .files import SUMMARY_NAME
+from .files import SUMMARY_NAME, read_summary
 from .registry import ARMS
+from .tables import cell, markdown_table
 
 
 ARM_ORDER = tuple(ARMS)  # the registry's order: baseline, control, grit, then the sweep's and the ablations' arms
@@ -95,8 +95,7 @@ def load_runs(logdir: str | os.PathLike, *, latest_per_key: bool = True, recursi
     found = logdir.rglob(SUMMARY_NAME) if recursive else (p / SUMMARY_NAME for p in logdir.iterdir())
     runs = []
     for f in sorted(f for f in found if f.is_file()):
-        summary = json.loads(f.read_text())
-        run = Run(f.parent.name, f.parent, summary)
+        run = Run(f.parent.name, f.parent, read_summary(f.parent))
         if any(v is not None and run._field(k) != v for k, v in filters.items()):
             continue
         runs.append(run)
@@ -254,14 +253,6 @@ def plot_all(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
 
 # ----------------------------------------------------------------------------- table
 
-def _fmt(v: Any, spec: str = ".4f") -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return format(v, spec)
-    return str(v)
-
-
 def results_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
@@ -301,9 +292,7 @@ def results_markdown(runs: Sequence[Run]) -> str:
     cols = [c for c in rows[0] if any(row[c] is not None for row in rows)]
     specs = {"lr": ".0e", "seed": "d", "preconditioned": "d", "steps": "d", "tokens/s": ".0f", "peak MiB": ".0f", "exact match": ".3f",
              "base exact match": ".3f", "median s/step": ".2f", "mean s/step": ".2f", "drift": ".1f"}
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c], specs.get(c, ".4f")) for c in cols) + " |")
+    lines = markdown_table(cols, [[cell(row[c], specs.get(c, ".4f")) for c in cols] for row in rows])
     first = runs[0].summary
     hw = first.get("hardware", {})
     device = hw.get("gpu") or f"{hw.get('cpu_count')}-core CPU ({hw.get('machine')})"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 from array import array
@@ -68,39 +69,53 @@ def _check_row(row: Any, where: str) -> dict:
     return {"id": row_id(out, family), "family": family, **out}
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, or a DataError that names the file and where the first bad byte is."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: not UTF-8 text (byte {data[e.start:e.start + 1]!r} at offset {e.start}, line "
+                        f"{line}); re-save it as UTF-8, e.g. `iconv -f <its encoding> -t UTF-8 {path.name} > "
+                        f"{path.stem}.utf8{path.suffix}`") from None
+
+
 def _raw_rows_from_file(path: Path) -> Iterable[tuple[str, Any]]:
     """Yield (location, raw row) pairs; a location names the file and the row for error messages."""
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv"):
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .csv with "
+                        "'instruction', 'input', 'output'")
+    # Decoded in one piece so that a bad byte is a file error, raised before any row is used.
+    text = _read_text(path)
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:line {lineno}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+        # newline=None: lines split as open() splits them, so the line numbers in messages stay the same.
+        for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:line {lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
         for i, row in enumerate(data):
             yield f"{path}:row {i}", row
-    elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"instruction", "output"} - set(reader.fieldnames or ())
-            if missing:
-                raise DataError(f"{path}: CSV header lacks required column(s) {sorted(missing)}")
-            for i, row in enumerate(reader):
-                yield f"{path}:row {i + 1} (line {reader.line_num})", row
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .csv with "
-                        "'instruction', 'input', 'output'")
+        # newline="": the csv module's own rule, so quoted fields may hold line breaks.
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = {"instruction", "output"} - set(reader.fieldnames or ())
+        if missing:
+            raise DataError(f"{path}: CSV header lacks required column(s) {sorted(missing)}")
+        for i, row in enumerate(reader):
+            yield f"{path}:row {i + 1} (line {reader.line_num})", row
 
 
 def load_rows(source: str, *, num_examples: int = 0, data_seed: int = 0, on_bad_rows: str = "error"
@@ -112,7 +127,8 @@ def load_rows(source: str, *, num_examples: int = 0, data_seed: int = 0, on_bad_
     ``source``: ``"synthetic"`` (``num_examples`` rows drawn with ``data_seed``), ``"hub:<dataset id>"``
     (the only network access), or a file path.
     ``on_bad_rows``: ``"error"`` raises ``DataError`` naming the file and row; ``"skip"`` drops the
-    row, counts it and logs the count.
+    row, counts it and logs the count. A file that is not UTF-8 text, or that gives no usable row (an empty
+    file or array, a CSV header alone, every row skipped), raises ``DataError`` naming it either way.
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
@@ -146,6 +162,12 @@ def load_rows(source: str, *, num_examples: int = 0, data_seed: int = 0, on_bad_
             break
     if skipped:
         logger.warning("skipped %d bad row(s) from %s", skipped, source)
+    if not rows:
+        # Caught here, where the file is known: with no rows the split fails later without naming it.
+        found = f"every one of its {skipped} row(s) is bad" if skipped else "it holds no rows"
+        raise DataError(f"{source}: {found}; give it rows with 'instruction', optional 'input' and 'output' "
+                        "(a JSON array, one JSON object per line, or a CSV with those columns), or use "
+                        "'synthetic'")
     return rows, skipped
 
 

@@ -1,4 +1,5 @@
-"""File names the study shares, and the one way it writes a file or folder atomically.
+"""File names the study shares, the one way it writes a file or folder atomically, and the one way it
+reads a run summary back.
 
 Kept free of heavy imports (no torch, no transformers), so the comparison can read logs anywhere.
 """
@@ -6,14 +7,42 @@ Kept free of heavy imports (no torch, no transformers), so the comparison can re
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 SUMMARY_NAME = "run_summary.json"      # one per run directory, written by grit_study.runs.RunRecorder
 PREDICTIONS_NAME = "predictions.jsonl"  # every test prediction of a final run
+
+
+class SummaryError(ValueError):
+    """A run summary that exists but cannot be read as a JSON object."""
+
+
+def read_summary(run_dir: str | os.PathLike, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """The ``run_summary.json`` of ``run_dir``, parsed: the one reader every part of the study uses.
+
+    A missing summary raises ``FileNotFoundError``, or gives None with ``missing_ok`` (a run not finished
+    yet). A summary that cannot be read, is not UTF-8 JSON, or is not a JSON object raises ``SummaryError``
+    naming the file: a damaged summary must stop a comparison, not drop out of it.
+    """
+    path = Path(run_dir) / SUMMARY_NAME
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"{path} does not exist: the run did not finish")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise SummaryError(f"{path}: unreadable run summary ({e}); restore it (it is committed for the study's "
+                           "runs) or delete its run directory and run it again") from None
+    if not isinstance(summary, dict):
+        raise SummaryError(f"{path}: a run summary is a JSON object, this one holds a {type(summary).__name__}; "
+                           "restore it or delete its run directory and run it again")
+    return summary
 
 
 @contextlib.contextmanager

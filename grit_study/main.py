@@ -8,17 +8,20 @@
 Every notebook runs in its own kernel (Unsloth patches transformers on import, so the arms must not
 share a process) with the auto preset unless ``GRIT_PRESET`` says otherwise. 03 then writes the plots
 and ``readme_files/results.md`` (ablations: every run of the log directory, into ``readme_files/ablations/``),
-and the results table is copied into README.md between the job's markers.
+and the results table is copied between the job's markers into its page of docs/: ``docs/study.md``
+(study) or ``docs/ablations.md`` (ablations, created on its first run).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
 NOTEBOOKS = REPO / "notebooks"
 COMPARE = "03_compare"
 
@@ -47,10 +50,16 @@ def ablation_jobs() -> list[tuple[str, str, dict]]:
     return _jobs(a.name for a in arms_in("ablation") if a.stack == "hf+peft")
 
 
-# README sections 03's tables are copied into, per job; ablations get their own figures folder.
+# The page and the section of it that 03's table is copied into, per job; ablations get their own figures folder.
 MARKERS = {"study": ("<!-- results:start -->", "<!-- results:end -->"),
            "ablations": ("<!-- ablations:start -->", "<!-- ablations:end -->")}
 RESULTS_START, RESULTS_END = MARKERS["study"]
+TARGETS = {"study": DOCS / "study.md", "ablations": DOCS / "ablations.md"}
+# What a job's page holds when it does not exist yet (only ablations: docs/study.md is committed).
+NEW_PAGE = {"ablations": "# Ablations (`make ablations`)\n\nWritten by `make ablations` (`grit_study/main.py`) from every "
+            "run of its log directory: natural gradient only, regularizers only, the published pairing, the published "
+            "padding artifact and GRIT without grafting, beside the study's arms. One seed each, at the preset's "
+            "learning rate, untuned: descriptive, not a verdict. Plots: `readme_files/ablations/`.\n"}
 
 
 def execute(notebook: str, output_name: str, parameters: dict, notebook_dir: Path) -> float:
@@ -66,19 +75,41 @@ def execute(notebook: str, output_name: str, parameters: dict, notebook_dir: Pat
     return seconds
 
 
-def include_text(readme: Path, text: str, start: str, end: str) -> None:
-    """Replace README's section between ``start`` and ``end`` with ``text``, so README shows what the logs hold."""
-    old = readme.read_text(encoding="utf-8")
+def relink(text: str, page: Path) -> str:
+    """The generators link their plots from the repository root (``readme_files/...``, as README reads them);
+    for a page in a subfolder of the repository (docs/) those links are rewritten relative to the page."""
+    folder, repo = page.resolve().parent, REPO.resolve()
+    if folder == repo or repo not in folder.parents:
+        return text
+    return text.replace("](readme_files/", f"]({Path(os.path.relpath(repo, folder)).as_posix()}/readme_files/")
+
+
+def block(page: Path, start: str, end: str) -> str:
+    """The generated text of ``page`` between ``start`` and ``end`` (as ``include_text`` wrote it, stripped)."""
+    text = page.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise RuntimeError(f"{page} lacks the {start} / {end} markers around its generated section")
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+def include_text(page: Path, text: str, start: str, end: str, *, new_page: str | None = None) -> None:
+    """Replace ``page``'s section between ``start`` and ``end`` with ``text`` (links made relative to the page),
+    so README and docs/ show what the logs hold. A missing page is created from ``new_page`` when given."""
+    if not page.exists() and new_page is not None:
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(f"{new_page.rstrip()}\n\n{start}\n{end}\n", encoding="utf-8")
+    old = page.read_text(encoding="utf-8")
     if start not in old or end not in old:
-        raise RuntimeError(f"{readme} lacks the {start} / {end} markers around the section to rewrite")
+        raise RuntimeError(f"{page} lacks the {start} / {end} markers around the section to rewrite")
     head, rest = old.split(start, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{text.strip()}\n{end}{tail}", encoding="utf-8")
+    page.write_text(f"{head}{start}\n{relink(text, page).strip()}\n{end}{tail}", encoding="utf-8")
 
 
-def include_results(readme: Path, results: Path, start: str = RESULTS_START, end: str = RESULTS_END) -> None:
-    """03's results table into README between the job's markers."""
-    include_text(readme, results.read_text(encoding="utf-8"), start, end)
+def include_results(page: Path, results: Path, start: str = RESULTS_START, end: str = RESULTS_END, *,
+                    new_page: str | None = None) -> None:
+    """03's results table into ``page`` between the job's markers."""
+    include_text(page, results.read_text(encoding="utf-8"), start, end, new_page=new_page)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         execute(notebook, name, {**common, **params}, notebook_dir)
     figures = Path(args.figures) if args.job == "study" else Path(args.figures) / "ablations"
     execute(COMPARE, f"03_compare_{args.job}", {**common, "PRESET": preset, "FIGURES_DIR": str(figures)}, notebook_dir)
-    include_results(REPO / "README.md", figures / "results.md", *MARKERS[args.job])
+    include_results(TARGETS[args.job], figures / "results.md", *MARKERS[args.job], new_page=NEW_PAGE.get(args.job))
     print(f"[study] {args.job} on preset {preset}: {time.time() - t0:.0f} s in all", flush=True)
     return 0
 

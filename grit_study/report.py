@@ -23,6 +23,7 @@ import numpy as np
 
 from .stats import (METRICS, Comparison, FinalRuns, LearningRateChoice, choose_learning_rates,
                     compare_to_control, final_runs, normalize_records)
+from .tables import markdown_table, mean_sd, mean_sd_text
 
 SUMMARY_COLUMNS = (  # (record key, column title, format)
     ("test_loss", "test loss", ".4f"),
@@ -38,11 +39,6 @@ PLOTS = ("val_loss_by_step.png", "lr_sweep.png", "retention_frontier.png")
 
 # ----------------------------------------------------------------------------- numbers
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
-    x = np.asarray(values, dtype=np.float64)
-    return float(x.mean()), (float(x.std(ddof=1)) if len(x) > 1 else None)
-
-
 def arm_summary(runs: FinalRuns, arm_order: Sequence[str]) -> list[dict[str, Any]]:
     """Per arm: learning rate, seeds, and (mean, sd with ddof=1, n) over seeds of each summary column."""
     rows = []
@@ -53,7 +49,7 @@ def arm_summary(runs: FinalRuns, arm_order: Sequence[str]) -> list[dict[str, Any
         row: dict[str, Any] = {"arm": arm, "learning_rate": runs.learning_rate[arm], "seeds": sorted(by_seed)}
         for key, _, _ in SUMMARY_COLUMNS:
             vals = [r[key] for r in by_seed.values() if r[key] is not None]
-            row[key] = (*_mean_sd(vals), len(vals)) if vals else None
+            row[key] = (*mean_sd(vals), len(vals)) if vals else None
         rows.append(row)
     return rows
 
@@ -77,19 +73,14 @@ def _cell(stat: tuple[float, float | None, int] | None, spec: str, n_seeds: int)
     if stat is None:
         return "–"
     mean, sd, n = stat
-    text = format(mean, spec) + (f" ± {format(sd, spec)}" if sd is not None else "")
-    return text + (f" (n={n})" if n != n_seeds else "")
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return mean_sd_text(mean, sd, spec) + (f" (n={n})" if n != n_seeds else "")
 
 
 def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     header = ["arm", "lr", "seeds"] + [title for _, title, _ in SUMMARY_COLUMNS]
     body = [[r["arm"], f"{r['learning_rate']:.3g}", str(len(r["seeds"]))]
             + [_cell(r[k], spec, len(r["seeds"])) for k, _, spec in SUMMARY_COLUMNS] for r in rows]
-    return _table(header, body)
+    return markdown_table(header, body)
 
 
 def comparison_markdown(comps: Sequence[Comparison], reference: str) -> list[str]:
@@ -106,13 +97,13 @@ def comparison_markdown(comps: Sequence[Comparison], reference: str) -> list[str
         verdict = f"**{v.label}**" if c.role == "primary" else v.label
         body.append([c.arm, title + (" (primary)" if c.role == "primary" else ""), c.method, str(c.n),
                      f"{d.mean:+.4g}", interval, p, verdict, f"{v.mde:.3g}", c.note])
-    return _table(header, body)
+    return markdown_table(header, body)
 
 
 def family_markdown(fam: Mapping[str, Mapping[str, float]]) -> list[str]:
     families = sorted({f for per in fam.values() for f in per})
-    return _table(["arm"] + families, [[arm] + [f"{per[f]:.3f}" if f in per else "–" for f in families]
-                                       for arm, per in fam.items()])
+    return markdown_table(["arm"] + families, [[arm] + [f"{per[f]:.3f}" if f in per else "–" for f in families]
+                                               for arm, per in fam.items()])
 
 
 def tuning_markdown(choices: Mapping[str, LearningRateChoice]) -> list[str]:
@@ -121,7 +112,7 @@ def tuning_markdown(choices: Mapping[str, LearningRateChoice]) -> list[str]:
         cells = ", ".join(f"{lr:.3g}: {c.val_loss[lr]:.4f}" + ("*" if lr == c.best else "") for lr in c.grid)
         edge = "–" if c.at_edge is None else f"{c.at_edge} edge: add {c.next_point:.3g}"
         body.append([arm, cells, f"{c.best:.3g}", edge])
-    return _table(["arm", "final val loss by learning rate (* = chosen)", "chosen lr", "grid edge"], body)
+    return markdown_table(["arm", "final val loss by learning rate (* = chosen)", "chosen lr", "grid edge"], body)
 
 
 # ----------------------------------------------------------------------------- plots

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from .files import SUMMARY_NAME
+from .files import SUMMARY_NAME, read_summary
 
 DEFAULT_LOGDIR = "tensorboard_logs/sweep"
 DEFAULT_ADAPTERS = "outputs/sweep"
@@ -121,14 +121,9 @@ def _preset(preset_name: str, run: PlannedRun):
     return resolve_preset(preset_name, **overrides)
 
 
-def read_summary(path: Path) -> dict[str, Any] | None:
-    f = path / SUMMARY_NAME
-    return json.loads(f.read_text()) if f.is_file() else None
-
-
 def status(logdir: Path, run: PlannedRun, preset_name: str) -> str:
     """'done', 'needs_test' (trained, its full evaluation missing), 'stale' (another definition), or 'todo'."""
-    s = read_summary(run_dir(logdir, run))
+    s = read_summary(run_dir(logdir, run), missing_ok=True)
     if s is None:
         return "todo"
     if s.get("sweep", {}).get("definition") != definition(run, preset_name):
@@ -142,7 +137,7 @@ def finished_records(logdir: Path) -> list[dict[str, Any]]:
     """Every finished sweep run under ``logdir`` as a record for grit_study.stats / report."""
     out = []
     for f in sorted(logdir.rglob(SUMMARY_NAME)):
-        s = json.loads(f.read_text())
+        s = read_summary(f.parent)
         if "sweep" not in s:
             continue
         evals = {int(k): v for k, v in s.get("eval_loss", {}).items()}
@@ -308,7 +303,7 @@ def run_one(run: PlannedRun, preset_name: str, logdir: Path, adapters: Path, eva
         res = runner(preset, spec, logdir=str(logdir), output_dir=str(adapters / run.name / "trainer"),
                      run_name=run.name, **kwargs)
         res.model.save_pretrained(str(adapter_dir))
-    seconds = dict((read_summary(target) or {}).get("sweep", {}).get("seconds", {}))
+    seconds = dict((read_summary(target, missing_ok=True) or {}).get("sweep", {}).get("seconds", {}))
     kind = "evaluate" if evaluate_only else run_kind(run)
     if run.evaluation == "full":
         arms.final_evaluation(res)
@@ -325,6 +320,9 @@ def run_one(run: PlannedRun, preset_name: str, logdir: Path, adapters: Path, eva
 
 VERDICT_MARKERS = ("<!-- verdict:start -->", "<!-- verdict:end -->")
 CLAIMS_MARKERS = ("<!-- claims:start -->", "<!-- claims:end -->")
+# The pages of docs/ that ``--report`` splices the verdict and the claims into (README gets the answer,
+# grit_study.headline).
+REPORT_PAGES = {"verdict": "verdict.md", "claims": "claims.md"}
 
 
 def write_verdict(logdir: str | os.PathLike, out_dir: str | os.PathLike) -> str:
@@ -358,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
     parser.add_argument("--only", default=None, help="comma-separated run names (arm/lr..._seed..._steps..) to run")
     parser.add_argument("--report", default=None, metavar="DIR",
-                        help="write the verdict (plots + verdict.md) from the finished runs into DIR and splice it "
-                        "into README.md between the verdict markers; trains nothing")
+                        help="write the verdict and claims (plots + verdict.md, claims.md) and README's answer plot "
+                        "from the finished runs into DIR; splice the verdict into docs/verdict.md, the claims into "
+                        "docs/claims.md and the answer into README.md, each between its markers; trains nothing")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: one run, JSON-encoded
     parser.add_argument("--evaluate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -369,13 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     preset_name = args.preset or resolve_preset().name
     logdir, adapters = Path(args.logdir), Path(args.adapters)
     if args.report is not None:
-        from .main import REPO, include_text
+        from .headline import ANSWER_MARKERS, write_headline
+        from .main import DOCS, REPO, include_text
 
         md = write_verdict(logdir, args.report)
-        include_text(REPO / "README.md", md, *VERDICT_MARKERS)
+        include_text(DOCS / REPORT_PAGES["verdict"], md, *VERDICT_MARKERS)
         claims_md = write_claims_report(logdir, args.report, preset_name)
-        include_text(REPO / "README.md", claims_md, *CLAIMS_MARKERS)
-        print(md + "\n" + claims_md)
+        include_text(DOCS / REPORT_PAGES["claims"], claims_md, *CLAIMS_MARKERS)
+        answer_md = write_headline(logdir, args.report)
+        include_text(REPO / "README.md", answer_md, *ANSWER_MARKERS)
+        print(answer_md + "\n\n" + md + "\n" + claims_md)
         return 0
     if args.one is not None:
         run_one(PlannedRun(**json.loads(args.one)), preset_name, logdir, adapters, args.evaluate_only)

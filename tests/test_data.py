@@ -172,6 +172,45 @@ def test_bad_rows_in_json_array_and_csv_name_the_row(tmp_path):
         load_rows(str(_write(tmp_path, "c.json", "[{")))
 
 
+GOOD_LINE = '{"instruction": "Name a primary color.", "output": "Red."}'
+LATIN1 = [  # (name, bytes, line of the first bad byte): a valid row, then latin-1 text (0xff 0xfe, "café", é = 0xe9)
+    ("a.jsonl", (GOOD_LINE + "\n").encode() + b'{"instruction": "\xff\xfe caf\xe9", "output": "x"}\n', 2),
+    ("a.json", ("[" + GOOD_LINE + ",\n").encode() + b'{"instruction": "\xff\xfe caf\xe9", "output": "x"}]', 2),
+    ("a.csv", b"instruction,input,output\nq,,a\n\xff\xfe caf\xe9,,x\n", 3),
+]
+
+
+@pytest.mark.parametrize("name,data,line", LATIN1, ids=[c[0] for c in LATIN1])
+@pytest.mark.parametrize("on_bad_rows", ["error", "skip"])
+def test_a_file_not_in_utf8_is_a_data_error_naming_it(tmp_path, name, data, line, on_bad_rows):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DataError) as err:  # the whole file is unreadable: never skipped as one bad row
+        load_rows(str(path), on_bad_rows=on_bad_rows)
+    message = str(err.value)
+    offset = data.index(b"\xff")  # the first byte UTF-8 cannot decode
+    assert str(path) in message and "not UTF-8" in message and "re-save it as UTF-8" in message
+    assert f"offset {offset}, line {line}" in message
+
+
+EMPTY = [("empty-array.json", "[]"), ("empty.jsonl", ""), ("blank-lines.jsonl", "\n  \n"),
+         ("header-only.csv", "instruction,input,output\n")]
+
+
+@pytest.mark.parametrize("name,text", EMPTY, ids=[c[0] for c in EMPTY])
+def test_a_file_without_rows_is_a_data_error_naming_it(tmp_path, name, text):
+    path = _write(tmp_path, name, text)
+    with pytest.raises(DataError) as err:
+        load_rows(str(path))
+    assert str(path) in str(err.value) and "holds no rows" in str(err.value) and "'instruction'" in str(err.value)
+
+
+def test_a_file_whose_rows_are_all_skipped_is_a_data_error(tmp_path):
+    path = _write(tmp_path, "bad.jsonl", '{"instruction": "a"}\n{"output": "b"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: every one of its 2 row\(s\) is bad"):
+        load_rows(str(path), on_bad_rows="skip")
+
+
 # ----------------------------------------------------------------------------- split and fingerprints
 
 # Split properties (disjoint by prompt, stratified, seeded across processes) are in tests/test_splits.py.
