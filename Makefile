@@ -60,6 +60,9 @@ $(LLAMA_STAMP): $(STAMP)
 unit: $(STAMP)
 	@$(call stage,unit tests,$(PY) -m pytest -q -m "not runtime and not notebook")
 
+# The notebooks end to end on the tiny preset, both ways CI users run them: papermill, every arm with the
+# exports (tests/test_notebooks.py), and nbval, `pytest --nbval-lax --nbval-current-env notebooks/` with
+# the preset chosen through GRIT_* variables, then checked against arms.run_hf (tests/test_nbval.py).
 notebooks: $(LLAMA_STAMP)
 	@$(call stage,notebooks,$(PY) -m pytest -q -m notebook)
 
@@ -79,9 +82,12 @@ ablations: $(STAMP)
 
 # The verdict protocol in tiers (grit_study/sweep.py): resumable, skips finished runs. `make sweep --dry-run`
 # (make's own -n) still runs this recipe (the leading +) and passes --dry-run on: the plan, nothing trained.
+# One preset per sweep, its runs in $(LOGDIR)/sweep/<preset>/: `make sweep PRESET=alpaca-smollm2` (default:
+# GRIT_PRESET or the auto choice); SWEEP_ARGS passes more options (e.g. SWEEP_ARGS="--arms control").
+PRESET ?=
 SWEEP_DRY := $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run,)
 sweep: $(STAMP)
-	+@$(call stage,sweep,$(PY) -m grit_study.sweep --logdir $(LOGDIR)/sweep $(SWEEP_DRY) $(SWEEP_ARGS))
+	+@$(call stage,sweep,$(PY) -m grit_study.sweep --logdir $(LOGDIR)/sweep $(if $(PRESET),--preset $(PRESET),) $(SWEEP_DRY) $(SWEEP_ARGS))
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

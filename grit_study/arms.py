@@ -1,8 +1,14 @@
 """Build and run one arm of the study; the notebooks are parameters plus calls into this module.
 
-    res = run_baseline(preset, logdir=..., output_dir=...)          # 01: Unsloth + TRL SFTTrainer
-    res = run_hf(preset, grit=GritSettings(precondition=False), ...)  # 02: control (GRIT off)
-    res = run_hf(preset, grit=GritSettings(), ...)                  # 02: pure GRIT
+Each arm is a few steps, one function each; notebooks 01 and 02 show them one per cell, and
+``run_baseline`` / ``run_hf`` (the sweep's, ``make study``'s and the tests' entry point) call the same
+functions in the same order:
+
+    02 (HF + PEFT): load_tokenizer -> study_data -> load_base_model -> attach_lora
+                    -> GRITManager(model, grit_config(preset, spec)) (None: the control, the peers)
+                    -> run_recorder -> hf_trainer (GritTrainer, or the plain Trainer) -> trainer.train()
+    01 (Unsloth):   load_unsloth_model -> attach_unsloth_lora -> load_tokenizer -> study_data
+                    -> run_recorder -> sft_trainer (TRL SFTTrainer) -> trainer.train()
 
 Everything an arm could do differently is decided here once, for all arms: the examples and their
 order (``build_study_data`` + the Trainer's seeded sampler), the collator (``PadCollator``), the
@@ -24,7 +30,7 @@ from typing import Any
 from .data import PadCollator, StudyData, as_hf_dataset, build_study_data, trainer_dataset
 from .files import SUMMARY_NAME
 from .registry import SGD_MOMENTUM, ArmSpec, get_arm
-from .models import load_tokenizer, resolve_model_path
+from .models import attach_lora, load_base_model, load_tokenizer, resolve_model_path
 from .presets import Preset, _parse_env, resolve_preset
 
 DEFAULT_LOGDIR = "tensorboard_logs"
@@ -72,9 +78,17 @@ def reprojection_freq(max_steps: int) -> int:
 # ----------------------------------------------------------------------------- shared pieces
 
 def study_data(preset: Preset, tokenizer) -> StudyData:
-    return build_study_data(tokenizer, source=preset.data, template=preset.template,
+    """The preset's splits (``build_study_data``), refused before any training when the run's steps would draw
+    more than a few passes over the train split, or less than one step (``check_run_length``); the epochs it
+    draws go into the data summary."""
+    from .data import check_run_length
+
+    data = build_study_data(tokenizer, source=preset.data, template=preset.template,
                             max_seq_length=preset.max_seq_length, val_size=preset.val_size,
                             test_size=preset.test_size, num_examples=preset.num_examples, data_seed=preset.data_seed)
+    data.epochs = check_run_length(data, max_steps=preset.max_steps, sequences_per_step=preset.per_device_train_batch_size
+                                   * preset.gradient_accumulation_steps)
+    return data
 
 
 def collator(preset: Preset, shared_tokenizer, loss_on_padding: bool = False) -> PadCollator:
@@ -172,29 +186,41 @@ GENERATION_BATCH = 64
 
 def retention_figures(res: ArmResult) -> dict[str, Any]:
     """Retention KL(base || tuned) on the fixed texts sampled once from the untuned 4-bit base, and the
-    drift sum of ||s B A||_F (grit_study.retention); cheap enough for every run, tuning runs included."""
+    drift sum of ||s B A||_F (grit_study.retention); cheap enough for every run, tuning runs included. Each
+    text's summed KL and token count go into the run's ``per_prompt.jsonl`` (``"split": "retention"``)."""
+    from .files import PER_PROMPT_NAME
     from .retention import retention_summary
 
     p = res.preset
     model_id = res.recorder.info["model_id"]
     return retention_summary(res.model, res.shared_tokenizer, model_id=model_id, template=p.template,
                              key_extra={"load_in_4bit": p.load_in_4bit, "compute_dtype": p.compute_dtype},
-                             batch_size=p.eval_batch_size)
+                             batch_size=p.eval_batch_size, per_text_file=Path(res.run_dir) / PER_PROMPT_NAME)
 
 
 def final_evaluation(res: ArmResult, *, accuracy: bool | None = None) -> dict[str, Any]:
     """The reported figures of a final run, all into ``run_summary.json``: test loss (token-weighted
     response CE), exact match overall and per family with every test prediction kept (also as
     ``predictions.jsonl`` next to the summary), the base model's exact match (cached), retention KL and
-    drift. Without a test split (test_size 0) the validation split stands in and the summary says so."""
-    from .evaluate import accuracy as tuned_accuracy, base_accuracy_cached, eval_loss, write_predictions
-    from .files import PREDICTIONS_NAME
+    drift. Without a test split (test_size 0) the validation split stands in and the summary says so.
+    Per prompt, the summed response NLL and its token count go into ``per_prompt.jsonl`` next to the summary
+    (``{"split", "id", "family", "nll_sum", "tokens"}``; Σ nll_sum / Σ tokens is the test loss), so runs can
+    be compared prompt by prompt."""
+    from .evaluate import accuracy as tuned_accuracy, base_accuracy_cached, response_nll, write_per_prompt
+    from .evaluate import write_predictions
+    from .files import PER_PROMPT_NAME, PREDICTIONS_NAME
 
     p, data = res.preset, res.data
     split = "test" if data.test else "val"
     examples, rows = (data.test, data.test_rows) if split == "test" else (data.val, data.val_rows)
     pad = res.shared_tokenizer.pad_token_id
-    loss, tokens = eval_loss(res.model, examples, pad, p.eval_batch_size)
+    per_prompt = response_nll(res.model, examples, pad, p.eval_batch_size)
+    tokens = sum(n for _, n in per_prompt)
+    if tokens == 0:
+        raise ValueError(f"final_evaluation: the {split} split holds no response tokens; check the data summary")
+    loss = sum(s for s, _ in per_prompt) / tokens
+    write_per_prompt(Path(res.run_dir) / PER_PROMPT_NAME, split, [
+        {"id": r["id"], "family": r.get("family"), "nll_sum": s, "tokens": n} for r, (s, n) in zip(rows, per_prompt)])
     extra: dict[str, Any] = {"final_split": split, "test_loss": loss, "test_tokens": tokens}
     if accuracy is None:
         accuracy = p.data == "synthetic"
@@ -229,8 +255,6 @@ def load_saved_adapter(preset: Preset, spec: ArmSpec, adapter_dir: str | Path) -
     """A saved adapter folder loaded with plain PEFT (``PeftModel.from_pretrained``) on a fresh 4-bit base,
     prepared as the trained model was, with the preset's data; no trainer and no recorder."""
     from peft import PeftModel, prepare_model_for_kbit_training
-
-    from .models import load_base_model
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -323,46 +347,78 @@ def print_summary(s: dict[str, Any]) -> None:
           f"run {s.get('run_dir', '')}")
 
 
-# ----------------------------------------------------------------------------- the arms
+# ----------------------------------------------------------------------------- the steps of an arm
 
-def run_baseline(preset: Preset, arm: ArmSpec | str = "baseline", *, logdir: str = DEFAULT_LOGDIR,
-                 output_dir: str = DEFAULT_OUTPUT_DIR, run_name: str | None = None, train: bool = True,
-                 resume_from_checkpoint: str | None = None) -> ArmResult:
-    """01: Unsloth ``FastLanguageModel`` (4-bit) + ``get_peft_model`` + TRL ``SFTTrainer``."""
+def arm_spec(arm: ArmSpec | str, stack: str) -> ArmSpec:
+    """The registry's arm (``arm``: its name or the ArmSpec), refused unless it runs on ``stack``."""
     spec = get_arm(arm) if isinstance(arm, str) else arm
-    if spec.stack != "unsloth+trl":
-        raise ValueError(f"arm {spec.name} runs on the {spec.stack} stack: use run_hf (notebook {spec.notebook})")
+    if spec.stack != stack:
+        runner = "run_hf" if spec.stack == "hf+peft" else "run_baseline"
+        raise ValueError(f"arm {spec.name} runs on the {spec.stack} stack: use {runner} (notebook {spec.notebook})")
+    return spec
+
+
+def load_unsloth_model(preset: Preset):
+    """01's model and tokenizer: Unsloth ``FastLanguageModel.from_pretrained`` (4-bit when the preset says so,
+    the preset's compute dtype) of ``preset.baseline_model_id``; a tokenizer without a pad token gets EOS."""
     import unsloth  # noqa: F401  (first, so its patches apply; the notebook imports it first anyway)
-    from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
 
     from .presets import torch_dtype
 
-    model_path = resolve_model_path(preset.baseline_model_id)
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=model_path, max_seq_length=preset.max_seq_length, dtype=torch_dtype(preset),
-        load_in_4bit=preset.load_in_4bit)
-    model = FastLanguageModel.get_peft_model(
+        model_name=resolve_model_path(preset.baseline_model_id), max_seq_length=preset.max_seq_length,
+        dtype=torch_dtype(preset), load_in_4bit=preset.load_in_4bit)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def attach_unsloth_lora(model, preset: Preset):
+    """The preset's LoRA through Unsloth's ``FastLanguageModel.get_peft_model``; ``random_state=seed`` draws
+    the same adapters as ``attach_lora`` (seeded ``get_peft_model``) on the HF arms."""
+    from unsloth import FastLanguageModel
+
+    return FastLanguageModel.get_peft_model(
         model, r=preset.lora_r, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout, bias="none",
         target_modules=list(preset.lora_targets), use_rslora=preset.use_rslora, random_state=preset.seed,
         use_gradient_checkpointing="unsloth" if preset.gradient_checkpointing else False)
-    # The shared pipeline tokenizes and pads with the HF arm's tokenizer: identical ids by construction.
-    shared_tokenizer = load_tokenizer(preset.model_id)
-    data = study_data(preset, shared_tokenizer)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    recorder = _recorder(preset, spec, data, model, shared_tokenizer, logdir, model_id=preset.baseline_model_id,
-                         run_name=run_name, resume_from=resume_from_checkpoint)
-    run_dir = recorder.run_dir
-    args = SFTConfig(**training_arguments(preset, str(Path(output_dir) / run_dir.name)),
+
+
+def run_recorder(preset: Preset, spec: ArmSpec, data: StudyData, model, shared_tokenizer, logdir: str = DEFAULT_LOGDIR,
+                 *, grit_manager=None, run_name: str | None = None, resume_from: str | None = None,
+                 rank_pattern: dict[str, int] | None = None):
+    """The run's ``RunRecorder``: a new directory ``<logdir>/<arm>_<time>/`` (``run_name`` names it instead;
+    ``resume_from``, a checkpoint folder, continues the run that wrote it), ``run_summary.json`` with the
+    arm's definition, the preset, the data fingerprints and GRIT's config, and the validation loss every
+    ``eval_steps``. The trainer builders attach it (``recorder.attach(trainer)``): per-step losses, batch
+    hashes, timings and TensorBoard events."""
+    config = grit_manager.config if grit_manager is not None else grit_config(preset, spec)
+    extra = {"grit_config": config.to_dict()} if config is not None else {}
+    if rank_pattern:
+        extra["rank_pattern"] = dict(rank_pattern)
+    model_id = preset.baseline_model_id if spec.stack == "unsloth+trl" else preset.model_id
+    return _recorder(preset, spec, data, model, shared_tokenizer, logdir, model_id=model_id, run_name=run_name,
+                     grit_manager=grit_manager, extra=extra, resume_from=resume_from)
+
+
+def trainer_output_dir(output_dir: str, recorder) -> str:
+    """The trainer's folder (checkpoints, exports): ``<output_dir>/<run directory name>``."""
+    return str(Path(output_dir) / recorder.run_dir.name)
+
+
+def sft_trainer(preset: Preset, spec: ArmSpec, model, tokenizer, shared_tokenizer, data: StudyData, recorder, *,
+                output_dir: str = DEFAULT_OUTPUT_DIR):
+    """01's trainer: TRL ``SFTTrainer`` on the shared pre-tokenized examples and collator (padded with
+    ``shared_tokenizer``'s pad id), the shared ``training_arguments`` as ``SFTConfig``; the recorder attached."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**training_arguments(preset, trainer_output_dir(output_dir, recorder)),
                      max_length=preset.max_seq_length, packing=False, dataset_text_field=None)
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=as_hf_dataset(data.train),
                          data_collator=collator(preset, shared_tokenizer, spec.loss_on_padding))
     recorder.attach(trainer)
-    if train:
-        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    return ArmResult(spec.name, preset, model, tokenizer, trainer, recorder, data, run_dir,
-                     shared_tokenizer=shared_tokenizer)
+    return trainer
 
 
 def peer_optimizer(spec: ArmSpec, args, model):
@@ -382,48 +438,71 @@ def peer_optimizer(spec: ArmSpec, args, model):
     raise ValueError(f"arm {spec.name}: no peer optimizer {spec.peer!r}")
 
 
-def run_hf(preset: Preset, arm: ArmSpec | str = "grit", *, logdir: str = DEFAULT_LOGDIR,
-           output_dir: str = DEFAULT_OUTPUT_DIR, run_name: str | None = None, train: bool = True,
-           resume_from_checkpoint: str | None = None, rank_pattern: dict[str, int] | None = None) -> ArmResult:
-    """02: HF 4-bit model + ``prepare_model_for_kbit_training`` + ``get_peft_model``, then, as the arm says,
-    ``GRITManager`` + ``GritTrainer``, or the plain ``Trainer`` (the control; a peer's PEFT optimizer).
-    ``rank_pattern``: LoraConfig.rank_pattern (per-module ranks; the sweep's ``control_rk``), recorded in
-    the run summary."""
+def hf_trainer(preset: Preset, spec: ArmSpec, model, tokenizer, data: StudyData, recorder, grit_manager=None, *,
+               output_dir: str = DEFAULT_OUTPUT_DIR):
+    """02's trainer: ``GritTrainer(..., grit_manager=grit_manager)`` when the arm has GRIT, else the plain
+    ``Trainer`` (a peer arm's with its PEFT optimizer, ``peer_optimizer``); the shared ``training_arguments``
+    (the arm's optimizer family), examples and collator; the recorder attached."""
     from transformers import Trainer, TrainingArguments
 
-    from .models import load_peft_model
-
-    spec = get_arm(arm) if isinstance(arm, str) else arm
-    if spec.stack != "hf+peft":
-        raise ValueError(f"arm {spec.name} runs on the {spec.stack} stack: use run_baseline (notebook {spec.notebook})")
-    tokenizer = load_tokenizer(preset.model_id)
-    data = study_data(preset, tokenizer)
-    model = load_peft_model(preset, rank_pattern=rank_pattern)
-    # An arm without GRIT builds no GRIT object at all: nothing of GRIT can touch its run.
-    config = grit_config(preset, spec)
-    manager = None
-    if config is not None:
-        from grit import GRITManager
-
-        manager = GRITManager(model, config)
-    grit_info = {"grit_config": config.to_dict()} if config is not None else {}
-    if rank_pattern:
-        grit_info["rank_pattern"] = dict(rank_pattern)
-    recorder = _recorder(preset, spec, data, model, tokenizer, logdir, model_id=preset.model_id, run_name=run_name,
-                         grit_manager=manager, extra=grit_info, resume_from=resume_from_checkpoint)
-    args = TrainingArguments(**training_arguments(preset, str(Path(output_dir) / recorder.run_dir.name),
+    args = TrainingArguments(**training_arguments(preset, trainer_output_dir(output_dir, recorder),
                                                   optimizer=spec.optimizer))
     kwargs = dict(model=model, args=args, train_dataset=trainer_dataset(data.train), processing_class=tokenizer,
                   data_collator=collator(preset, tokenizer, spec.loss_on_padding))
     if spec.peer is not None:
         kwargs["optimizers"] = (peer_optimizer(spec, args, model), None)
-    if manager is None:
+    if grit_manager is None:
         trainer = Trainer(**kwargs)
     else:
         from grit import GritTrainer
 
-        trainer = GritTrainer(**kwargs, grit_manager=manager)
+        trainer = GritTrainer(**kwargs, grit_manager=grit_manager)
     recorder.attach(trainer)
+    return trainer
+
+
+# ----------------------------------------------------------------------------- the arms
+
+def run_baseline(preset: Preset, arm: ArmSpec | str = "baseline", *, logdir: str = DEFAULT_LOGDIR,
+                 output_dir: str = DEFAULT_OUTPUT_DIR, run_name: str | None = None, train: bool = True,
+                 resume_from_checkpoint: str | None = None) -> ArmResult:
+    """01: Unsloth ``FastLanguageModel`` (4-bit) + ``get_peft_model`` + TRL ``SFTTrainer``, the steps of
+    notebook 01 in its order."""
+    spec = arm_spec(arm, "unsloth+trl")
+    model, tokenizer = load_unsloth_model(preset)
+    model = attach_unsloth_lora(model, preset)
+    # The shared pipeline tokenizes and pads with the HF arm's tokenizer: identical ids by construction.
+    shared_tokenizer = load_tokenizer(preset.model_id)
+    data = study_data(preset, shared_tokenizer)
+    recorder = run_recorder(preset, spec, data, model, shared_tokenizer, logdir, run_name=run_name,
+                            resume_from=resume_from_checkpoint)
+    trainer = sft_trainer(preset, spec, model, tokenizer, shared_tokenizer, data, recorder, output_dir=output_dir)
+    if train:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return ArmResult(spec.name, preset, model, tokenizer, trainer, recorder, data, recorder.run_dir,
+                     shared_tokenizer=shared_tokenizer)
+
+
+def run_hf(preset: Preset, arm: ArmSpec | str = "grit", *, logdir: str = DEFAULT_LOGDIR,
+           output_dir: str = DEFAULT_OUTPUT_DIR, run_name: str | None = None, train: bool = True,
+           resume_from_checkpoint: str | None = None, rank_pattern: dict[str, int] | None = None) -> ArmResult:
+    """02: HF 4-bit model + ``prepare_model_for_kbit_training`` + ``get_peft_model``, then, as the arm says,
+    ``GRITManager`` + ``GritTrainer``, or the plain ``Trainer`` (the control; a peer's PEFT optimizer): the
+    steps of notebook 02 in its order. ``rank_pattern``: LoraConfig.rank_pattern (per-module ranks; the
+    sweep's ``control_rk``), recorded in the run summary."""
+    from grit import GRITManager
+
+    spec = arm_spec(arm, "hf+peft")
+    tokenizer = load_tokenizer(preset.model_id)
+    data = study_data(preset, tokenizer)
+    model = load_base_model(preset)
+    model = attach_lora(model, preset, rank_pattern=rank_pattern)
+    # An arm without GRIT builds no GRIT object at all: nothing of GRIT can touch its run.
+    config = grit_config(preset, spec)
+    manager = GRITManager(model, config) if config is not None else None
+    recorder = run_recorder(preset, spec, data, model, tokenizer, logdir, grit_manager=manager, run_name=run_name,
+                            resume_from=resume_from_checkpoint, rank_pattern=rank_pattern)
+    trainer = hf_trainer(preset, spec, model, tokenizer, data, recorder, manager, output_dir=output_dir)
     if train:
         # GritTrainer restores the GRIT state (grit_state.pt) from the same checkpoint.
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)

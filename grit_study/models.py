@@ -220,16 +220,16 @@ def lora_config(preset: Preset, rank_pattern: dict[str, int] | None = None):
                       use_rslora=preset.use_rslora, rank_pattern=dict(rank_pattern or {}))
 
 
-def load_peft_model(preset: Preset, model_id: str | None = None, adapter_name: str = "default",
-                    rank_pattern: dict[str, int] | None = None):
-    """Base model + ``prepare_model_for_kbit_training`` + ``get_peft_model``, as the GRIT notebook builds it.
+def attach_lora(model, preset: Preset, adapter_name: str = "default", rank_pattern: dict[str, int] | None = None):
+    """The preset's LoRA adapters on a base model from ``load_base_model``: ``prepare_model_for_kbit_training``
+    (4-bit: norms in fp32, input gradients on) then ``get_peft_model`` with ``lora_config``.
 
-    The LoRA init is seeded with ``preset.seed`` so every HF arm starts from the same adapters.
+    The LoRA init is seeded with ``preset.seed`` (``torch.manual_seed`` right before ``get_peft_model``) so
+    every HF arm starts from the same adapters, and from the ones Unsloth's ``random_state=seed`` draws.
     """
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base_model(preset, model_id)
     if preset.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=preset.gradient_checkpointing,
@@ -239,3 +239,9 @@ def load_peft_model(preset: Preset, model_id: str | None = None, adapter_name: s
         model.enable_input_require_grads()
     torch.manual_seed(preset.seed)
     return get_peft_model(model, lora_config(preset, rank_pattern), adapter_name=adapter_name)
+
+
+def load_peft_model(preset: Preset, model_id: str | None = None, adapter_name: str = "default",
+                    rank_pattern: dict[str, int] | None = None):
+    """``load_base_model`` + ``attach_lora``: the model every HF arm trains (notebook 02 shows the two steps)."""
+    return attach_lora(load_base_model(preset, model_id), preset, adapter_name=adapter_name, rank_pattern=rank_pattern)

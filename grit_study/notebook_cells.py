@@ -1,27 +1,36 @@
-"""The cells every notebook shares, written once here and copied into each notebook.
+"""The cells every notebook shares, written once here and copied into each notebook; and the Colab set.
 
 The Colab set-up cell has to stay inline in each notebook (it runs before the repository exists on the
 Colab VM), and papermill needs a literal ``parameters`` cell; so both are generated from this module and
-``tests/test_notebooks_cells.py`` checks that every notebook's copy matches.
+``tests/test_notebook_cells.py`` checks that every notebook's copy matches. The same goes for
+``requirements-gpu.txt``, what the Colab cell installs: requirements.txt (the study stack's one source)
+less ``NOT_IN_COLAB``, at the same pins.
 
-    python -m grit_study.notebook_cells          # says which notebooks differ from the source
-    python -m grit_study.notebook_cells --write  # rewrites their shared cells
+    python -m grit_study.notebook_cells          # says which notebooks (or requirements-gpu.txt) differ
+    python -m grit_study.notebook_cells --write  # rewrites their shared cells and requirements-gpu.txt
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+REQUIREMENTS = ROOT / "requirements.txt"
+COLAB_REQUIREMENTS = ROOT / "requirements-gpu.txt"
+# Left out of the Colab install: Colab is a Jupyter front end already (and runs its own Jupyter server).
+NOT_IN_COLAB = ("jupyterlab",)
 COLAB_TAG = "colab-setup"
 PARAMETERS_TAG = "parameters"
 
 REPO_URL = "https://github.com/grit-study/grit-study"
 
-COLAB_CELL = '''# Colab: install the project and its GPU requirements; anywhere else this cell does nothing.
+COLAB_CELL = '''# Colab: install grit and the study's GPU requirements from a clone. Anywhere else: put this checkout's
+# study package (grit_study/, run from the checkout, not installed) on sys.path.
 # Each Colab notebook runs on its own VM: with USE_DRIVE the runs are logged to Google Drive
 # (MyDrive/grit-study/tensorboard_logs), so 03_compare, opened later, can read what 01 and 02 wrote.
 import importlib.metadata as md, os, subprocess, sys
@@ -48,11 +57,12 @@ if "google.colab" in sys.modules:
     loaded = {{n: installed(n) for n in ("numpy", "transformers", "accelerate", "peft", "torch", "pyarrow")
               if n in sys.modules}}
     cmd = [sys.executable, "-m", "pip", "install", "-q", "-c", "/content/colab-constraints.txt",
-           "-e", f"{{target}}[study]", "-r", os.path.join(target, "requirements-gpu.txt")]
+           "-e", f"{{target}}[hf]", "-r", os.path.join(target, "requirements-gpu.txt")]
     subprocess.run(cmd, check=True)
     os.chdir(target)
+    sys.path.insert(0, target)  # grit_study runs from the clone
     print("Installed from", REPO_URL, "keeping", ", ".join(pins) or "nothing pinned")
-    for n in ("grit-study", "torch", "xformers", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "datasets"):
+    for n in ("grit", "torch", "xformers", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "datasets"):
         print(f"  {{n}}=={{installed(n)}}")
     changed = [n for n, v in loaded.items() if installed(n) != v]
     if changed:
@@ -62,12 +72,18 @@ if "google.colab" in sys.modules:
         print("No restart needed: nothing this kernel had imported was changed.")
     print("Runs are logged to", os.environ.get("GRIT_LOGDIR", "tensorboard_logs/ on this VM (lost with it)"))
 else:
-    print("Not in Colab: using the installed environment.")'''.format(repo_url=REPO_URL)
+    # Jupyter starts the kernel in notebooks/: the repository root is the first folder up holding grit_study/.
+    from pathlib import Path
+    root = next((str(p) for p in (Path.cwd(), *Path.cwd().parents) if (p / "grit_study").is_dir()), None)
+    if root is not None and root not in sys.path:
+        sys.path.insert(0, root)
+    print("Not in Colab: grit_study from", root or "the installed environment")'''.format(repo_url=REPO_URL)
 
 # name -> the comment line above it in every parameters cell. None always means: the GRIT_<NAME>
 # environment variable if set, else the preset's (or the notebook's) default.
 PARAMETERS = {
-    "ARM": 'ARM: an arm of the registry (grit_study.registry.ARMS), e.g. "grit", "control", "grit_sgd", "riemannian"',
+    "ARM": 'ARM: an arm of the registry (grit_study.registry.ARMS), e.g. "grit", "control", "grit_sgd", "riemannian"; '
+           'None = the notebook\'s own arm (01: "baseline", 02: "grit")',
     "PRESET": 'PRESET: "llama3-8b" (CUDA), "smollm2-135m" (CPU default), "tiny" (tests); None = auto',
     "DATA": 'DATA: "synthetic", "hub:vicgalle/alpaca-gpt4", or a .json/.jsonl/.csv path',
     "MAX_STEPS": "MAX_STEPS: optimizer steps",
@@ -85,12 +101,12 @@ PARAMETERS = {
 
 # Which parameters each notebook declares: only the ones it reads.
 NOTEBOOK_PARAMETERS = {
-    "01_baseline_qlora_unsloth": {"ARM": '"baseline"', **{n: "None" for n in (
-        "PRESET", "DATA", "MAX_STEPS", "LEARNING_RATE", "SEED", "EVAL_STEPS", "LOGDIR", "OUTPUT_DIR", "EXPORT",
-        "SAVE_STEPS", "RESUME_FROM_CHECKPOINT")}},
-    "02_pure_grit": {"ARM": '"grit"', **{n: "None" for n in (
-        "PRESET", "DATA", "MAX_STEPS", "LEARNING_RATE", "SEED", "EVAL_STEPS", "LOGDIR", "OUTPUT_DIR", "EXPORT",
-        "SAVE_STEPS", "RESUME_FROM_CHECKPOINT")}},
+    "01_baseline_qlora_unsloth": {n: "None" for n in (
+        "ARM", "PRESET", "DATA", "MAX_STEPS", "LEARNING_RATE", "SEED", "EVAL_STEPS", "LOGDIR", "OUTPUT_DIR", "EXPORT",
+        "SAVE_STEPS", "RESUME_FROM_CHECKPOINT")},
+    "02_pure_grit": {n: "None" for n in (
+        "ARM", "PRESET", "DATA", "MAX_STEPS", "LEARNING_RATE", "SEED", "EVAL_STEPS", "LOGDIR", "OUTPUT_DIR", "EXPORT",
+        "SAVE_STEPS", "RESUME_FROM_CHECKPOINT")},
     "03_compare": {n: "None" for n in ("PRESET", "DATA", "LOGDIR", "FIGURES_DIR")},
 }
 
@@ -143,9 +159,36 @@ def write(path: Path) -> bool:
     return False
 
 
+def requirement_name(line: str) -> str | None:
+    """The normalized project name of a requirements line; None for a comment, a blank or an option line."""
+    line = line.split("#", 1)[0].strip()
+    if not line or line.startswith("-"):
+        return None
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", line).group(0)).lower()
+
+
+def colab_requirements(requirements: str) -> str:
+    """requirements-gpu.txt's text: the requirement lines of ``requirements`` (requirements.txt's text), pins,
+    extras and order kept, less ``NOT_IN_COLAB``."""
+    keep = [line.split("#", 1)[0].strip() for line in requirements.splitlines()
+            if requirement_name(line) not in (None, *NOT_IN_COLAB)]
+    header = [
+        "# GENERATED from requirements.txt by `python -m grit_study.notebook_cells --write`: edit that file.",
+        "# What the notebooks' Colab cell installs on a CUDA machine, next to `pip install -e .[hf]`: the study's",
+        f"# stack at its pins, less {', '.join(NOT_IN_COLAB)} (Colab is a Jupyter front end already). The machine's own",
+        "# CUDA torch is kept (requirements.txt asks only for a torch range; the cell pins the installed build).",
+    ]
+    return "\n".join(header + keep) + "\n"
+
+
+def colab_requirements_stale() -> bool:
+    expected = colab_requirements(REQUIREMENTS.read_text(encoding="utf-8"))
+    return not COLAB_REQUIREMENTS.is_file() or COLAB_REQUIREMENTS.read_text(encoding="utf-8") != expected
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="rewrite the notebooks' shared cells")
+    parser.add_argument("--write", action="store_true", help="rewrite the notebooks' shared cells and requirements-gpu.txt")
     args = parser.parse_args(argv)
     stale = 0
     for name in NOTEBOOK_PARAMETERS:
@@ -155,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         elif diff := differences(path):
             stale += 1
             print(f"{path.name}: differs in {diff}; run python -m grit_study.notebook_cells --write")
+    if args.write:
+        changed = colab_requirements_stale()
+        if changed:
+            COLAB_REQUIREMENTS.write_text(colab_requirements(REQUIREMENTS.read_text(encoding="utf-8")), encoding="utf-8")
+        print(f"{COLAB_REQUIREMENTS.name}: {'rewritten' if changed else 'up to date'}")
+    elif colab_requirements_stale():
+        stale += 1
+        print(f"{COLAB_REQUIREMENTS.name}: differs from requirements.txt; run python -m grit_study.notebook_cells --write")
     return 1 if stale else 0
 
 
