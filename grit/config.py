@@ -9,21 +9,25 @@ Trainer's global clip silences lora_B, see the field's help), and reprojection o
 the one GRIT action that writes weights, so ``precondition=False`` with both lambdas 0 is then a true
 control).
 
-When preconditioning happens (steps are numbered n = 1, 2, ... by calls to ``manager.step()``):
+When preconditioning happens (factor updates every ``kfac_update_freq`` steps, the first inversion
+once ``kfac_min_samples`` statistics tokens were seen, no preconditioning during ``ng_warmup_steps``)
+is stated once, in ``grit.schedule`` (``Schedule``, :func:`expected_preconditioned_steps`).
 
-* the factors are updated (and inverted) at the steps n with ``n % kfac_update_freq == 0``;
-* the first inversion happens at the first such step m* by which at least ``kfac_min_samples``
-  statistics tokens (non-padding positions, summed over micro-batches and ranks) were seen;
-* step n is preconditioned iff ``n > ng_warmup_steps`` and ``n >= m*``.
-
-So over ``max_steps`` steps, ``max(0, max_steps - max(ng_warmup_steps + 1, m*) + 1)`` steps are
-preconditioned (0 if m* > max_steps); :func:`expected_preconditioned_steps` restates this.
+The choice fields are typed ``Literal[...]`` (``DampingMode``, ``StatUpdate``, ``Pairing``,
+``InversionMethod``) and checked at run time too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, get_args
+
+from .schedule import expected_preconditioned_steps  # noqa: F401  (its home before grit.schedule)
+
+DampingMode = Literal["relative", "absolute"]
+StatUpdate = Literal["mean", "ema"]
+Pairing = Literal["kfac", "reference"]
+InversionMethod = Literal["cholesky", "eigh"]
 
 
 @dataclass
@@ -45,7 +49,7 @@ class GRITConfig:
                   "the factor's scale; G and U differ by orders of magnitude across modules, with the "
                   "adapter scale s and with the loss normalisation, so a single absolute λ (published: "
                   "1e-3) is a no-op for some modules and swamps others."})
-    kfac_damping_mode: str = field(
+    kfac_damping_mode: DampingMode = field(
         default="relative",
         metadata={"help": "'relative' (λ = kfac_damping * tr(F)/r, scale-free, default) or 'absolute' "
                   "(λ = kfac_damping)."})
@@ -56,7 +60,7 @@ class GRITConfig:
     ng_warmup_steps: int = field(
         default=0,
         metadata={"help": "No preconditioning at steps n <= ng_warmup_steps (statistics are still captured)."})
-    stat_update: str = field(
+    stat_update: StatUpdate = field(
         default="mean",
         metadata={"help": "What U and G average over (S_j, N_j: the Gram sum and token count of optimizer step j, "
                   "n the update step). 'mean' (published): U = Σ_j S_j / Σ_j N_j, every statistics token since the "
@@ -75,7 +79,7 @@ class GRITConfig:
                   "statistics' hook and Gram time about k-fold for an estimate from fewer tokens (the same "
                   "expectation: micro-batches are exchangeable); gradients, grafting and the regularizers still "
                   "see every micro-batch. Measured in benchmarks/step_overhead.py (--stat-stride)."})
-    pairing: str = field(
+    pairing: Pairing = field(
         default="kfac",
         metadata={"help": "'kfac': ∇A <- (G+λI)^-1 ∇A, ∇B <- ∇B (U+λI)^-1 (the Kronecker-factored Fisher). "
                   "'reference': the published pairing ∇A <- (Σa+λI)^-1 ∇A, ∇B <- ∇B (Σg+λI)^-1 with "
@@ -118,7 +122,7 @@ class GRITConfig:
         default=0.99, metadata={"help": "Energy fraction in (0, 1] kept by rank adaptation (published 0.99)."})
     min_lora_rank: int = field(
         default=4, metadata={"help": "Smallest k rank adaptation may choose (published: 4)."})
-    inversion_method: str = field(
+    inversion_method: InversionMethod = field(
         default="cholesky",
         metadata={"help": "'cholesky': damped Cholesky (cholesky_ex), eigh where it fails; 'eigh': always the "
                   "eigendecomposition (clamps negative eigenvalues to 0 before damping)."})
@@ -152,8 +156,8 @@ class GRITConfig:
             raise bad("stat_ema_decay", "must be in [0, 1)")
         if not 0.0 < self.rank_adaptation_threshold <= 1.0:
             raise bad("rank_adaptation_threshold", "must be in (0, 1]")
-        choices = {"kfac_damping_mode": ("relative", "absolute"), "stat_update": ("mean", "ema"),
-                   "pairing": ("kfac", "reference"), "inversion_method": ("cholesky", "eigh")}
+        choices = {"kfac_damping_mode": get_args(DampingMode), "stat_update": get_args(StatUpdate),
+                   "pairing": get_args(Pairing), "inversion_method": get_args(InversionMethod)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}")
@@ -169,26 +173,3 @@ class GRITConfig:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-
-def expected_preconditioned_steps(cfg: GRITConfig, max_steps: int,
-                                  tokens_per_step: Union[int, Sequence[int]]) -> int:
-    """How many of ``max_steps`` optimizer steps a manager with ``cfg`` preconditions.
-
-    ``tokens_per_step``: statistics tokens per optimizer step (non-padding positions of all
-    micro-batches, all ranks), one int for every step or one per step. Restates the rule of the
-    module docstring in closed form; the manager itself decides step by step.
-    """
-    if not cfg.precondition:
-        return 0
-    per_step = [tokens_per_step] * max_steps if isinstance(tokens_per_step, int) else list(tokens_per_step)
-    if len(per_step) < max_steps:
-        raise ValueError(f"tokens_per_step has {len(per_step)} entries for max_steps={max_steps}")
-    cumulative, first_inversion = 0, None
-    for n in range(1, max_steps + 1):
-        cumulative += per_step[n - 1]
-        if n % cfg.kfac_update_freq == 0 and cumulative >= cfg.kfac_min_samples:
-            first_inversion = n
-            break
-    if first_inversion is None:
-        return 0
-    return max(0, max_steps - max(cfg.ng_warmup_steps + 1, first_inversion) + 1)

@@ -42,13 +42,13 @@ on another device). Counters are kept per group and summed on the host (:func:`t
 groups on several devices (a multi-GPU ``device_map``) never meet in one kernel; that layout cannot
 be tested on this project's CPU machines.
 
-When to update and invert, and what to do with the inverses, is ``grit.manager``'s business.
+When to update and invert is ``grit.schedule``'s business, what to do with the inverses ``grit.apply``'s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -403,6 +403,18 @@ class FactorState:
         """Per module (``specs`` order), tokens seen, pending included, as host floats (a host sync)."""
         per_group = to_host([g.tokens() for g in self.groups])
         return [float(per_group[gi][row]) for gi, row in self.slots]
+
+    def missing_statistics(self, has_grad: Sequence[bool]) -> Optional[list]:
+        """Per module (``specs`` order): it has a gradient but no statistics tokens, decided on the flags
+        ``has_grad`` and the token counts (pending included) summed over the data-parallel ranks (one small
+        collective; every rank gets the same answer). None where no module has a gradient on any rank.
+        A host sync."""
+        n = len(self.specs)
+        counts = torch.tensor([float(g) for g in has_grad] + self.module_tokens(), dtype=torch.float64)
+        counts = maybe_all_reduce(counts.to(self.groups[0].device)).cpu().tolist()
+        if not any(counts[:n]):
+            return None
+        return [g > 0 and t == 0 for g, t in zip(counts[:n], counts[n:])]
 
     def module_factors(self) -> dict:
         """{module name: {"U", "G", "F_A", "F_B", "inv_A", "inv_B", "P_A", "P_B" (r, r), "tokens"}}, CPU copies."""

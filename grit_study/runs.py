@@ -108,6 +108,15 @@ def batch_digest(h, input_ids, labels) -> None:
         h.update(t.numpy().tobytes())
 
 
+def data_figures(data: dict[str, Any]) -> dict[str, Any]:
+    """What a reader of a run needs beside its loss, from the data summary (``StudyData.summary()``): the passes
+    over the train split the run draws, and the share of the train split's response tokens and EOS tokens that
+    ``max_seq_length`` kept (a response cut before its EOS teaches the model not to stop)."""
+    kept = (data.get("token_retention") or {}).get("train") or {}
+    return {"epochs": data.get("epochs"), "response_tokens_kept_share": kept.get("response_share"),
+            "eos_tokens_kept_share": kept.get("eos_share")}
+
+
 class RunRecorder(TrainerCallback):
     """Writes a run's TensorBoard scalars and ``run_summary.json``; see the module docstring.
 
@@ -139,6 +148,7 @@ class RunRecorder(TrainerCallback):
         self.total_tokens = 0
         self.num_items_mismatches = 0
         self.extra: dict[str, Any] = {}
+        self.grit_metrics: dict[str, float] = {}  # the latest logged value of every "grit/..." key
         self._reset_step()
 
     # -------------------------------------------------------------- wiring
@@ -256,8 +266,9 @@ class RunRecorder(TrainerCallback):
                 self.writer.add_scalar("train/grad_norm", value, step)
             elif key == "learning_rate":
                 self.writer.add_scalar("train/learning_rate", value, step)
-            elif key.startswith("grit/"):
+            elif key.startswith("grit/"):  # merged into the logs by the GRIT glue, the one place that logs them
                 self.writer.add_scalar(key, value, step)
+                self.grit_metrics[key] = float(value)
 
     # -------------------------------------------------------------- checkpoints
 
@@ -342,9 +353,10 @@ class RunRecorder(TrainerCallback):
             "package_versions": package_versions(),
             "hardware": hardware(),
         }
-        if manager is not None and hasattr(manager, "metrics"):
-            out["grit_metrics"] = {k: float(v) for k, v in manager.metrics().items()
-                                   if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        if self.grit_metrics:
+            out["grit_metrics"] = {k: v for k, v in self.grit_metrics.items() if math.isfinite(v)}
+        if self.info.get("data"):
+            out.update(data_figures(self.info["data"]))
         out.update(self.extra)
         return out
 

@@ -3,7 +3,7 @@
 Each rank backpropagates its own micro-batch (unequal token counts), calls manager.step() once
 (a factor update: one all-reduce) and saves its factors and inverses to OUT/rank<r>.pt.
 
-Then the capture check (GRITManager raises at the first update when LoRA gradients arrive without
+Then the capture check (GRITManager raises at the first step() when LoRA gradients arrive without
 statistics), decided on all-reduced counts: with a fused LoRA forward on rank 0 only, no rank raises
 (rank 1's statistics are everyone's); with it on both ranks, both raise. A rank-local decision would
 raise on one rank only and leave the other waiting in the next collective.

@@ -7,12 +7,13 @@ per-token u and ĝ), never the manager's own factors.
 import copy
 import io
 import types
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from grit import GRITConfig, GRITManager, expected_preconditioned_steps
+from grit import GRITConfig, GRITManager, GRITScheduleWarning, expected_preconditioned_steps
 from grit_fixtures import (DEVICE, BruteForce, batch, dense_natural_gradient, host, lora_pairs, reference_terms,
                            tiny_lora_model)
 
@@ -345,8 +346,11 @@ def fused_lora_forward(self, x, *args, **kwargs):
     return result
 
 
-@pytest.mark.parametrize("freq", [1, 3])
-def test_lora_gradients_without_statistics_are_refused_at_the_first_update(monkeypatch, freq):
+@pytest.mark.parametrize("freq", [1, 3, 50])
+def test_lora_gradients_without_statistics_are_refused_at_the_first_step(monkeypatch, freq):
+    """A forward that bypasses PEFT's lora_A/lora_B modules (the LoRA output computed from the weights directly,
+    as a fused kernel does) is refused at step 1, whatever kfac_update_freq is: not only at the first factor
+    update (step freq), after which freq - 1 steps would already have trained as the control."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     model = tiny_lora_model(seed=13)
@@ -356,41 +360,129 @@ def test_lora_gradients_without_statistics_are_refused_at_the_first_update(monke
     manager = GRITManager(model, GRITConfig(kfac_update_freq=freq, kfac_min_samples=1))
     loss = model(**b).loss
     assert torch.allclose(loss.detach(), normal_loss, rtol=1e-12)  # the fused forward computes the same function
-    for _ in range(freq - 1):  # no factor update yet: nothing to decide
-        loss.backward()
-        assert manager.step() is False
-        model.zero_grad()
-        loss = model(**b).loss
     loss.backward()
     grads = [layer.lora_A["default"].weight.grad for _, layer in lora_pairs(model)]
     assert all(g is not None and float(g.abs().sum()) > 0 for g in grads)  # LoRA is trained, the hooks saw nothing
     with pytest.raises(RuntimeError, match="no statistics for 6 of the 6 LoRA modules") as err:
         manager.step()
-    for words in ("fused LoRA kernel", "Unsloth", "lora_A/lora_B", "plain PEFT forward", "transformers + peft"):
+    for words in ("fused LoRA kernel", "Unsloth", "lora_A/lora_B", "plain PEFT forward", "transformers + peft",
+                  "optimizer step 1"):
         assert words in str(err.value), words
-    assert manager.optimizer_steps == freq
+    assert "grit_study" not in str(err.value)  # the library's errors speak library terms
+    assert manager.optimizer_steps == 1
 
     # Only one module bypassed (its forward fused): refused too, and named.
     monkeypatch.undo()
     model = tiny_lora_model(seed=13)
     name, layer = lora_pairs(model)[4]
     layer.forward = types.MethodType(fused_lora_forward, layer)
-    manager = GRITManager(model, GRITConfig(kfac_update_freq=1, kfac_min_samples=1))
+    manager = GRITManager(model, GRITConfig(kfac_update_freq=freq, kfac_min_samples=1))
     model(**b).loss.backward()
     with pytest.raises(RuntimeError, match=f"1 of the 6 LoRA modules .*{name}"):
         manager.step()
 
-    # The plain PEFT forward, the same steps: no error, and it preconditions.
+    # The plain PEFT forward, the same steps: no error, and it preconditions from the first update on. With
+    # stat_micro_batch_stride=2 only the 1st and 3rd of 3 micro-batches are captured: still no error at step 1.
+    for stride in (1, 2):
+        model = tiny_lora_model(seed=13)
+        manager = GRITManager(model, GRITConfig(kfac_update_freq=min(freq, 3), kfac_min_samples=1,
+                                                stat_micro_batch_stride=stride))
+        for _ in range(min(freq, 3)):
+            for _ in range(3):
+                model(**b).loss.backward()
+            preconditioned = manager.step()
+            model.zero_grad()
+        assert preconditioned and manager.preconditioned_steps == 1
+    # A step without any backward (nothing trained) is not the bypass either: no error, nothing done; the check
+    # waits for the first step with gradients.
     model = tiny_lora_model(seed=13)
-    manager = GRITManager(model, GRITConfig(kfac_update_freq=freq, kfac_min_samples=1))
-    for _ in range(freq):
-        model(**b).loss.backward()
-        preconditioned = manager.step()
-        model.zero_grad()
-    assert preconditioned and manager.preconditioned_steps == 1
-    # A step without any backward (nothing trained) is not the bypass either: no error, nothing done.
-    idle = GRITManager(tiny_lora_model(seed=13), GRITConfig(kfac_update_freq=1, kfac_min_samples=1))
+    idle = GRITManager(model, GRITConfig(kfac_update_freq=1, kfac_min_samples=1))
     assert idle.step() is False and not idle.ready
+    layer = lora_pairs(model)[4][1]
+    layer.forward = types.MethodType(fused_lora_forward, layer)
+    model(**b).loss.backward()
+    with pytest.raises(RuntimeError, match="1 of the 6 LoRA modules"):
+        idle.step()
+
+
+def test_a_plain_loop_that_cannot_precondition_yet_is_warned_at_step_1():
+    """GRITConfig() defaults (kfac_update_freq=50) in a 30-step plain loop: the first step() warns, naming step 50
+    (worked out by hand: the first multiple of 50), once; the run then preconditions nothing, as warned."""
+    model = tiny_lora_model(seed=14, targets=("v_proj",))
+    manager = GRITManager(model, GRITConfig())
+    with pytest.warns(GRITScheduleWarning, match="optimizer step 50 at the earliest") as record:
+        model(**batch(0)).loss.backward()
+        manager.step()
+    assert len(record) == 1 and record[0].filename == __file__  # points at the caller's step() line
+    assert "kfac_update_freq=50" in str(record[0].message) and "max_steps" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        for step in range(1, 30):
+            model.zero_grad()
+            model(**batch(step)).loss.backward()
+            assert manager.step() is False
+    assert manager.preconditioned_steps == 0
+
+    manager.close()
+
+    def first_step(cfg, **kw):
+        model.zero_grad(set_to_none=True)
+        other = GRITManager(model, cfg, **kw)
+        model(**batch(0)).loss.backward()
+        other.step()
+        other.close()
+
+    # A warm-up behind the first update: the warm-up's end is named. Preconditioning from step 1: no warning.
+    with pytest.warns(GRITScheduleWarning, match="optimizer step 8 at the earliest"):
+        first_step(GRITConfig(kfac_update_freq=2, ng_warmup_steps=7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first_step(GRITConfig(kfac_update_freq=1))
+        first_step(GRITConfig(precondition=False))  # a control: nothing to warn about
+        first_step(GRITConfig(kfac_update_freq=10), max_steps=30)  # told the run's length, and checked: no warning
+
+
+def test_max_steps_refuses_a_schedule_that_cannot_precondition_up_front():
+    model = tiny_lora_model(seed=15, targets=("v_proj",))
+    with pytest.raises(ValueError, match=r"first factor update is at step 50 \(kfac_update_freq=50\).*max_steps=30.*"
+                                         r"Set kfac_update_freq <= 30"):
+        GRITManager(model, GRITConfig(), max_steps=30)
+    with pytest.raises(ValueError, match=r"warm-up \(ng_warmup_steps=30\)"):
+        GRITManager(model, GRITConfig(kfac_update_freq=5, ng_warmup_steps=30), max_steps=30)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_steps"):
+            GRITManager(model, GRITConfig(), max_steps=bad)
+    assert not any(m._forward_hooks for m in model.modules())  # refused before anything was hooked
+    # Just long enough (step 50 is the last), a control, and a schedule that starts at once: accepted.
+    assert GRITManager(model, GRITConfig(), max_steps=50).max_steps == 50
+    GRITManager(model, GRITConfig(precondition=False), max_steps=30)
+    GRITManager(model, GRITConfig(kfac_update_freq=1), max_steps=1)
+
+
+def test_repr_lists_the_hyperparameters():
+    model = tiny_lora_model(seed=16, adapter="task")
+    cfg = GRITConfig(kfac_update_freq=7, kfac_min_samples=11, kfac_damping=0.25, kfac_damping_mode="absolute",
+                     pairing="reference", grafting=False, stat_update="ema", ng_warmup_steps=3, lambda_kfac=0.5,
+                     lambda_reproj=0.0, precondition=True)
+    text = repr(GRITManager(model, cfg, max_steps=40))
+    assert text.startswith("GRITManager(")
+    for part in ("lora_modules=6", "adapter='task'", "max_steps=40", "kfac_update_freq=7", "kfac_min_samples=11",
+                 "kfac_damping=0.25", "kfac_damping_mode='absolute'", "pairing='reference'", "grafting=False",
+                 "stat_update='ema'", "ng_warmup_steps=3", "lambda_kfac=0.5", "lambda_reproj=0.0",
+                 "enable_reprojection=False", "precondition=True"):
+        assert part in text, part
+
+
+def test_manager_class_reads_in_one_sitting():
+    """GRITManager's class body stays under 250 lines (helpers live in grit.apply, grit.metrics, grit.schedule)."""
+    import ast
+    import inspect
+
+    import grit.manager
+
+    tree = ast.parse(inspect.getsource(grit.manager))
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "GRITManager"]
+    assert cls.end_lineno - cls.lineno + 1 < 250
 
 
 # ----------------------------------------------------------------------------- the manager follows the model

@@ -15,13 +15,14 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from grit import GRITConfig, GRITManager, GritCallback, GritOptimizer, GritTrainer
+from grit import GRITConfig, GRITManager, GRITScheduleWarning, GritCallback, GritOptimizer, GritTrainer
 from grit.integrations.hf import GRIT_STATE_NAME
 from grit_study.data import PadCollator
 from grit_fixtures import VOCAB, BruteForce, dense_natural_gradient, lora_pairs, tiny_lora_model
@@ -385,6 +386,27 @@ def test_a_schedule_that_cannot_precondition_is_refused_before_the_first_step(tm
     manager = GRITManager(model, grit_config(kfac_update_freq=50, precondition=False))
     make_trainer(path, model, train_args(tmp_path / "control", **args), examples, manager).train()
     assert manager.optimizer_steps == 12 and manager.preconditioned_steps == 0
+
+
+@pytest.mark.parametrize("path", ["trainer", "callback", "optimizer"])
+def test_the_glue_tells_the_manager_the_run_length(tmp_path, path):
+    """GritTrainer and GritCallback check the schedule against the Trainer's max_steps through the manager's own
+    check (GRITManager.set_max_steps), so the manager does not also warn at step 1 that preconditioning starts
+    late; GritOptimizer (a step hook, which knows no run length) leaves it to the manager, which warns."""
+    examples = random_examples(12, seed=9)
+    model = tiny_model(0)
+    manager = GRITManager(model, grit_config(kfac_update_freq=3))
+    trainer = make_trainer(path, model, train_args(tmp_path, max_steps=3, learning_rate=1e-2), examples, manager)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    late = [w for w in caught if issubclass(w.category, GRITScheduleWarning)]
+    assert manager.preconditioned_steps == 1  # step 3, the first factor update
+    if path == "optimizer":
+        assert manager.max_steps is None and len(late) == 1
+        assert "optimizer step 3 at the earliest" in str(late[0].message)
+    else:
+        assert manager.max_steps == 3 and late == []
 
 
 @pytest.mark.parametrize("path", ["trainer", "callback"])

@@ -40,8 +40,10 @@ Nothing silently: with preconditioning on, both refuse (ValueError, before the f
 that cannot precondition any step of the run (first factor update at ``kfac_update_freq`` or warm-up
 end after ``max_steps``), and end a run that preconditioned 0 steps anyway (``kfac_min_samples`` never
 reached) with a RuntimeError saying why: GritTrainer right after ``Trainer.train()`` returns,
-GritCallback in ``on_train_end``. The manager itself refuses LoRA gradients without statistics (a
-fused LoRA kernel) at the first factor update (``grit.manager``).
+GritCallback in ``on_train_end``. The schedule check is the manager's own (``GRITManager.set_max_steps``,
+``grit.schedule``), told the Trainer's ``max_steps``; so the manager's first-step warning about a late
+start is not needed and not given. The manager itself refuses LoRA gradients without statistics (a
+fused LoRA kernel) at the first step (``grit.manager``).
 
 fp16 (T4-class GPUs without bf16): GritTrainer hands the accelerator's GradScaler to the manager
 (``attach_grad_scaler``), which divides the loss scale out of the statistics and runs before the
@@ -52,11 +54,15 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from .optimizer import check_max_grad_norm, clip_after_preconditioning, has_grit_hook
+
+if TYPE_CHECKING:
+    from ..manager import GRITManager
 
 __all__ = ["GRIT_STATE_NAME", "GritCallback", "GritTrainer", "load_grit_state", "save_grit_state"]
 
@@ -72,14 +78,14 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def save_grit_state(manager, checkpoint_dir: str) -> str:
+def save_grit_state(manager: GRITManager, checkpoint_dir: str) -> str:
     """Write ``manager.state_dict()`` to ``checkpoint_dir/grit_state.pt``; returns the path."""
     path = os.path.join(checkpoint_dir, GRIT_STATE_NAME)
     torch.save(manager.state_dict(), path)
     return path
 
 
-def load_grit_state(manager, checkpoint_dir: str, device: torch.device | str = "cpu") -> None:
+def load_grit_state(manager: GRITManager, checkpoint_dir: str, device: torch.device | str = "cpu") -> None:
     """Load ``checkpoint_dir/grit_state.pt`` into ``manager`` (tensors mapped to ``device``)."""
     path = os.path.join(checkpoint_dir, GRIT_STATE_NAME)
     if not os.path.isfile(path):
@@ -99,7 +105,7 @@ def _check_metrics_every(metrics_every: int, who: str) -> None:
 class _MetricsLog:
     """Which training log steps carry ``manager.metrics()`` (the rest carry ``manager.counters()``)."""
 
-    def __init__(self, manager, every: int):
+    def __init__(self, manager: GRITManager, every: int):
         self.manager, self.every, self.logged = manager, every, 0
 
     def merge(self, logs: dict, state) -> dict:
@@ -118,34 +124,7 @@ def _is_training_log(logs: dict) -> bool:
     return "loss" in logs and not any(k.startswith(("eval_", "test_")) for k in logs)
 
 
-def _refuse_schedule_that_cannot_precondition(manager, state, who: str) -> None:
-    """Before the first step: with preconditioning on, refuse a run whose schedule preconditions no step.
-
-    The manager counts its own steps (it may carry over from a resumed or earlier run): this run ends at
-    its step ``optimizer_steps + max_steps - global_step``. Before the first inversion the first step that
-    can be preconditioned is the first factor update (a multiple of kfac_update_freq), and never one
-    inside the warm-up.
-    """
-    cfg = manager.config
-    if not cfg.precondition or state.max_steps <= 0:
-        return
-    done = manager.optimizer_steps
-    last = done + state.max_steps - state.global_step
-    freq = cfg.kfac_update_freq
-    first_update = done + 1 if manager.ready else (done // freq + 1) * freq
-    first = max(first_update, cfg.ng_warmup_steps + 1)
-    if first <= last:
-        return
-    why = (f"the first factor update is at step {first_update} (kfac_update_freq={freq})" if first_update > last
-           else f"the warm-up (ng_warmup_steps={cfg.ng_warmup_steps}) lasts the whole run")
-    raise ValueError(
-        f"{who}: preconditioning is on but this run cannot precondition a single step: {why}, and the run ends at "
-        f"step {last} (max_steps={state.max_steps}). It would train exactly as its control. Set "
-        f"kfac_update_freq <= {last - done} and ng_warmup_steps < {last}, train for more steps, or use "
-        "GRITConfig(precondition=False) for a control run.")
-
-
-def _refuse_run_that_preconditioned_nothing(manager, start: tuple | None, who: str) -> None:
+def _refuse_run_that_preconditioned_nothing(manager: GRITManager, start: tuple | None, who: str) -> None:
     """After training: with preconditioning on, a run that stepped but preconditioned nothing is an error."""
     if start is None or not manager.config.precondition:
         return
@@ -189,7 +168,7 @@ class GritTrainer(Trainer):
     preconditioned 0 steps anyway (e.g. ``kfac_min_samples`` never reached).
     """
 
-    def __init__(self, *args, grit_manager=None, grit_metrics_every: int = 1, **kwargs):
+    def __init__(self, *args, grit_manager: Optional[GRITManager] = None, grit_metrics_every: int = 1, **kwargs):
         if grit_manager is None:
             raise ValueError("GritTrainer needs grit_manager=GRITManager(model, config); without it use a plain "
                              "Trainer (the control arm)")
@@ -213,31 +192,22 @@ class GritTrainer(Trainer):
                 grit_manager.attach_grad_scaler(scaler)
         self.grit_manager = grit_manager
         self._grit_metrics = _MetricsLog(grit_manager, grit_metrics_every)
-        self._grit_pending = False
-        self._grit_run_start = None  # (manager steps, preconditioned steps) when this train() began
-        self.add_callback(_GritTrainerGuard(self))
+        # Owns the once-per-optimizer-step state (which step is open, where this train() began).
+        self._grit_guard = _GritTrainerGuard(grit_manager)
+        self.add_callback(self._grit_guard)
 
     def train(self, *args, **kwargs):
-        self._grit_run_start = None
         output = super().train(*args, **kwargs)
-        _refuse_run_that_preconditioned_nothing(self.grit_manager, self._grit_run_start, "GritTrainer")
+        _refuse_run_that_preconditioned_nothing(self.grit_manager, self._grit_guard.take_run_start(), "GritTrainer")
         return output
 
     # -- where the natural gradient happens ------------------------------------------------------
-    def _grit_precondition(self) -> bool:
-        """Run ``manager.step()`` if it has not run in this optimizer step; True if it ran now."""
-        if not self._grit_pending:
-            return False
-        self._grit_pending = False
-        self.grit_manager.step()
-        return True
-
     def _clip_grad_norm(self, model):
-        self._grit_precondition()
+        self._grit_guard.precondition()
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
-        self._grit_precondition()
+        self._grit_guard.precondition()
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     # -- logging -------------------------------------------------------------------------------
@@ -260,7 +230,7 @@ class GritTrainer(Trainer):
             load_grit_state(self.grit_manager, checkpoint, _model_device(self.model))
 
 
-def _check_in_step(manager, state, owner) -> None:
+def _check_in_step(manager: GRITManager, state, owner) -> None:
     """Warn once if the manager's step count and the Trainer's disagree (step() called elsewhere too, or a
     manager reused across runs, whose schedule and statistics then carry over)."""
     if manager.optimizer_steps != state.global_step and not getattr(owner, "_warned_count", False):
@@ -271,26 +241,44 @@ def _check_in_step(manager, state, owner) -> None:
 
 
 class _GritTrainerGuard(TrainerCallback):
-    """Opens each optimizer step for GritTrainer and checks that it was preconditioned before the update."""
+    """GritTrainer's once-per-optimizer-step logic, and the one owner of its state: ``on_step_begin`` opens
+    a step, :meth:`precondition` (called by the Trainer's clip / grad-norm hooks, or here as a fallback)
+    runs ``manager.step()`` once in it; ``on_train_begin`` checks the schedule and notes where the run began."""
 
-    def __init__(self, trainer: GritTrainer):
-        self.trainer = trainer
+    def __init__(self, manager: GRITManager):
+        self.manager = manager
+        self._pending = False     # an optimizer step is open and manager.step() has not run in it
+        self._run_start = None    # (manager steps, preconditioned steps) when this train() began
         self._warned = False
+
+    def precondition(self) -> bool:
+        """Run ``manager.step()`` if it has not run in this optimizer step; True if it ran now."""
+        if not self._pending:
+            return False
+        self._pending = False
+        self.manager.step()
+        return True
+
+    def take_run_start(self) -> tuple | None:
+        """Where the last train() began (None if it never reached on_train_begin); forgotten once taken."""
+        start, self._run_start = self._run_start, None
+        return start
 
     def on_train_begin(self, args, state, control, **kwargs):
         # A resumed run's GRIT state was loaded before this (Trainer._load_optimizer_and_scheduler).
-        manager = self.trainer.grit_manager
-        _refuse_schedule_that_cannot_precondition(manager, state, "GritTrainer")
-        self.trainer._grit_run_start = (manager.optimizer_steps, manager.preconditioned_steps)
+        self._run_start = None
+        # The manager's own schedule check (ValueError before the first step; no first-step warning then).
+        self.manager.set_max_steps(state.max_steps, global_step=state.global_step, who="GritTrainer")
+        self._run_start = (self.manager.optimizer_steps, self.manager.preconditioned_steps)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.trainer._grit_pending = True
+        self._pending = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        _check_in_step(self.trainer.grit_manager, state, self)
+        _check_in_step(self.manager, state, self)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.trainer._grit_precondition():
+        if self.precondition():
             # Only reachable if the Trainer called neither _clip_grad_norm nor _get_grad_norm this step.
             if not self._warned:
                 logger.warning("GritTrainer: transformers did not call _clip_grad_norm/_get_grad_norm before "
@@ -334,7 +322,7 @@ class GritCallback(TrainerCallback):
     first) do not get ``on_train_end``.
     """
 
-    def __init__(self, manager, max_grad_norm: float | None = None, metrics_every: int = 1):
+    def __init__(self, manager: GRITManager, max_grad_norm: float | None = None, metrics_every: int = 1):
         check_max_grad_norm(max_grad_norm, "GritCallback")
         _check_metrics_every(metrics_every, "GritCallback")
         self.manager = manager
@@ -371,7 +359,8 @@ class GritCallback(TrainerCallback):
                 path = explicit or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             load_grit_state(self.manager, path, _model_device(model) if model is not None else "cpu")
             self._resume_dir = None
-        _refuse_schedule_that_cannot_precondition(self.manager, state, "GritCallback")
+        # The manager's own schedule check (ValueError before the first step; no first-step warning then).
+        self.manager.set_max_steps(state.max_steps, global_step=state.global_step, who="GritCallback")
         self._run_start = (self.manager.optimizer_steps, self.manager.preconditioned_steps)
 
     def on_train_end(self, args, state, control, **kwargs):

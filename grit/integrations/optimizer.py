@@ -36,8 +36,12 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..manager import GRITManager
 
 __all__ = ["GritOptimizer", "GritStepHook", "clip_after_preconditioning"]
 
@@ -69,7 +73,7 @@ class GritStepHook:
     ``manager``, ``max_grad_norm``: as given to ``GritOptimizer``. ``remove()`` unregisters it.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, manager, max_grad_norm: float | None):
+    def __init__(self, optimizer: torch.optim.Optimizer, manager: GRITManager, max_grad_norm: float | None):
         self.manager = manager
         self.max_grad_norm = max_grad_norm
         self._optimizer = weakref.ref(optimizer)  # the optimizer holds this hook; no cycle through it
@@ -95,14 +99,15 @@ class GritStepHook:
         return f"GritStepHook(max_grad_norm={self.max_grad_norm})"
 
 
-def has_grit_hook(optimizer) -> bool:
+def has_grit_hook(optimizer: object) -> bool:
     """True if ``optimizer`` (or the optimizer an accelerate wrapper holds) runs GRIT in its step."""
     inner = getattr(optimizer, "optimizer", None)
     return getattr(optimizer, "grit_hook", None) is not None or (
         inner is not None and getattr(inner, "grit_hook", None) is not None)
 
 
-def GritOptimizer(optimizer: torch.optim.Optimizer, manager, max_grad_norm: float | None = None):  # noqa: N802
+def GritOptimizer(optimizer: torch.optim.Optimizer, manager: GRITManager,  # noqa: N802
+                  max_grad_norm: float | None = None) -> torch.optim.Optimizer:
     """Make ``optimizer.step()`` run ``manager.step()``, re-clip, then the optimizer's own step; returns ``optimizer``.
 
     Args:
