@@ -72,3 +72,10 @@ def test_hf_extra_admits_exactly_the_pinned_releases(wheel):
         assert req.specifier.contains(pins[req.name]), (req, pins[req.name])
         # Bounded above: the glue overrides private Trainer methods, so untested releases are refused.
         assert any(s.operator in ("<", "<=", "==") for s in req.specifier), req
+
+
+def test_grit_is_a_thin_library():
+    """The Fisher core and its glue, nothing else: under 3,000 lines (the study lives in grit_study/)."""
+    lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "grit").rglob("*.py"))
+    assert lines < 3000, lines
+    assert not (ROOT / "grit" / "study").exists()
