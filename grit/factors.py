@@ -139,7 +139,8 @@ class FactorGroup:
         self.lam = torch.zeros(2 * n, **z)
         self.cond = torch.ones(2 * n, **z)
         self.k_energy = torch.full((2 * n,), r, device=device, dtype=torch.long)
-        self.skipped = torch.zeros((), device=device, dtype=torch.long)  # rejected (module, update) pairs
+        self.skipped = torch.zeros((), device=device, dtype=torch.long)  # rejected (module, step/update) pairs
+        self.step_start: list | None = None  # "mean": the pending sums as the current step began (None: zeros)
         # Views stay valid: the stacks are only ever written in place.
         self.A = self._side(slice(0, n))
         self.B = self._side(slice(n, 2 * n))
@@ -164,6 +165,27 @@ class FactorGroup:
     def scale2(self) -> torch.Tensor:
         s = [float(spec.scale()) for spec in self.specs]
         return torch.tensor(s, dtype=torch.float32).to(self.device, non_blocking=True) ** 2
+
+    def drop_nonfinite_step(self) -> None:
+        """Forget the current step's statistics of every module where they are not finite, counting them in
+        ``skipped``: the pending sums go back to what they held when the step began.
+
+        An fp16 GradScaler overflow (or a NaN batch) makes one step's ĝ non-finite; the scaler skips that
+        optimizer step, and so do the statistics. Kept, they would make the whole window non-finite and the
+        fold would reject it all, putting off the first inversion by kfac_update_freq steps. Where the step
+        is finite ``torch.where`` returns its sums exactly, so finite runs are unchanged bit for bit.
+        """
+        U, G, C = self.pending_step()
+        ok = torch.isfinite(U).all(-1).all(-1) & torch.isfinite(G).all(-1).all(-1) & torch.isfinite(C)  # (n,)
+        self.skipped += (~ok).sum()
+        start = self.step_start or (0.0, 0.0, 0.0)
+        for t, before in zip((U, G, C), start):
+            t.copy_(torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, before))
+
+    def mark_step_start(self, cfg: GRITConfig) -> None:
+        """Remember the pending sums a new step starts from ("mean" keeps accumulating them across steps;
+        "ema" starts every step from zero)."""
+        self.step_start = [t.clone() for t in self.pending_step()] if cfg.stat_update == "mean" else None
 
     def close_step(self, d: float) -> None:
         """"ema": the current step's sums join the decayed sums of the pending steps: acc <- d·acc + pend."""
@@ -219,6 +241,7 @@ class FactorGroup:
         self.skipped += rejected
         for t in self.pending(cfg) if cfg.stat_update == "mean" else self.pending(cfg) + self.pending_step():
             t.zero_()
+        self.step_start = None
 
     def invert(self, cfg: GRITConfig) -> None:
         """Pair U, G with the sides (``cfg.pairing``), invert both sides at once, keep what is valid."""
@@ -249,9 +272,10 @@ class FactorGroup:
     def state(self) -> dict:
         return {"modules": list(self.names), **{k: getattr(self, k).clone() for k in self.STATE}}
 
-    def load(self, state: dict) -> None:
+    def load(self, state: dict, cfg: GRITConfig) -> None:
         for k in self.STATE:
             getattr(self, k).copy_(state[k])  # in place: the side views alias these tensors
+        self.mark_step_start(cfg)
 
 
 class FactorState:
@@ -357,9 +381,12 @@ class FactorState:
         """Mark the end of an optimizer step: under "ema" its sums join the decayed pending steps (no kernels
         under "mean", whose pending sums simply keep accumulating)."""
         self.flush_sources()
-        if self.config.stat_update == "ema":
-            for g in self.groups:
+        for g in self.groups:
+            g.drop_nonfinite_step()
+            if self.config.stat_update == "ema":
                 g.close_step(self.config.stat_ema_decay)
+            else:
+                g.mark_step_start(self.config)
         self.steps_since_fold += 1
         self._step_open = False
 
@@ -443,7 +470,7 @@ class FactorState:
                 raise ValueError("the saved GRIT state was taken on other LoRA modules (first ones here: "
                                  f"{list(names[:3])}); load it into a manager built on the same model")
         for g in self.groups:
-            g.load(by_name[tuple(g.names)])
+            g.load(by_name[tuple(g.names)], self.config)
         self.steps_since_fold = int(state["steps_since_fold"])
         self._step_open = bool(state["step_open"])
         self.version += 1

@@ -230,9 +230,11 @@ class GRITManager:
             if message is not None:
                 warnings.warn(GRITScheduleWarning(message), stacklevel=4)
         self.optimizer_steps += 1
-        self.factor_state.end_step()
+        # Checked before end_step, which drops a non-finite step's statistics (an fp16 overflow): the hooks
+        # did capture them, which is all the bypass check asks.
         if not self._capture_checked:
             self._check_capture()
+        self.factor_state.end_step()
         return self.optimizer_steps
 
     def _check_capture(self) -> None:

@@ -10,7 +10,7 @@ per device; per-group counters summed on the host), the counters and:
     factors; per factor under relative damping), grit/cond_min|median|max (cond(F + λI) over all
     factors), grit/effective_rank (mean energy rank, rank_adaptation_threshold, of all factors: a
     diagnostic, shapes stay r x d), grit/inversion_time_s (last inversion), grit/skipped_modules
-    (cumulative (module, update) pairs rejected for NaN/Inf), grit/reg_kfac, grit/reg_reproj (last
+    (cumulative: (module, step) statistics dropped and (module, update) estimates rejected for NaN/Inf), grit/reg_kfac, grit/reg_reproj (last
     step's terms, 0 when off), grit/stat_tokens (statistics tokens seen, max over modules, pending
     included), grit/nonfinite_grads (module gradients zeroed because they were NaN/Inf),
     grit/degenerate_factors (factors still without a valid inverse, e.g. G while B = 0).

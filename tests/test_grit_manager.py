@@ -333,6 +333,42 @@ def test_fp16_overflow_reaches_the_grad_scaler():
         manager.attach_grad_scaler(object())
 
 
+@pytest.mark.parametrize("stat_update", ["mean", "ema"])
+def test_fp16_overflow_step_statistics_are_dropped_not_folded(stat_update):
+    """One overflowing step under a GradScaler (the scaler skips it) must not cost the window: the first update,
+    one step later, inverts, and U, G are exactly the brute-force factors of the clean step alone (G unscaled
+    by that step's loss scale, which the overflow halved). Folded, the overflow would make the whole window
+    non-finite and the fold would reject it: no inversion until the next update."""
+    S = 2.0**12
+    cfg = GRITConfig(kfac_update_freq=2, kfac_min_samples=1, stat_update=stat_update, stat_ema_decay=0.5,
+                     lambda_kfac=0.0, lambda_reproj=0.0)
+    model = tiny_lora_model(seed=11)
+    manager = GRITManager(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=S)
+    manager.attach_grad_scaler(scaler)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    # Step 1 overflows: every gradient, and so every ĝ, is non-finite (an fp16 loss scale that is too high).
+    (scaler.scale(model(**batch(50)).loss) * float("inf")).backward()
+    assert manager.step() is False
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == S / 2  # the scaler saw the overflow and skipped the step
+    opt.zero_grad()
+    # Step 2 is clean; only its micro-batch is recorded by the independent reference.
+    brute = BruteForce(model)
+    b = batch(51)
+    brute.mask = b["attention_mask"]
+    scaler.scale(model(**b).loss).backward()
+    manager.step()
+    assert manager.inversions == 1
+    mine = manager.factors()
+    want = brute.factors()
+    for name, f in want.items():
+        assert rel(mine[name]["U"], f["U"]) < 1e-5, name
+        assert rel(mine[name]["G"], f["G"] / (S / 2) ** 2) < 1e-5, name
+    assert manager.metrics()["grit/skipped_modules"] == len(lora_pairs(model))  # one dropped step per module
+
+
 # ----------------------------------------------------------------------------- nothing silently
 
 def fused_lora_forward(self, x, *args, **kwargs):
