@@ -15,6 +15,7 @@ NB_OUT  ?= outputs/notebooks
 # GPU users get the normal install: local CPU torch 2.13.0, no torchvision (its registry build is
 # CUDA-only and breaks `import transformers`), Unsloth told not to look for it, and no hub access.
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+GPU_NAME = $(shell nvidia-smi -L 2>/dev/null | head -n 1 | sed 's/ .UUID.*//')
 ifeq ($(HAS_CUDA),0)
 CONSTRAINTS := -c constraints-cpu.txt
 export UNSLOTH_SKIP_TORCHVISION_CHECK := 1
@@ -32,7 +33,7 @@ export PYTHONUNBUFFERED := 1
 # `stage NAME COMMAND`: run a stage and print how long it took (CI reads these lines).
 stage = start=$$(date +%s); $(2); rc=$$?; echo "[stage] $(1): $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
 
-.PHONY: study test install unit notebooks runtime ablations sweep clean
+.PHONY: study test install unit notebooks runtime ablations sweep clean cuda-check gpu-check
 
 $(STAMP): requirements.txt requirements-test.txt constraints-cpu.txt pyproject.toml
 	@$(call stage,install,\
@@ -48,6 +49,17 @@ $(STAMP): requirements.txt requirements-test.txt constraints-cpu.txt pyproject.t
 
 install: $(STAMP)
 
+# nvidia-smi sees a GPU: torch must be able to use it, or every run would quietly take the CPU preset. A GPU
+# left out on purpose: `make <target> HAS_CUDA=0`.
+cuda-check: $(STAMP)
+ifeq ($(HAS_CUDA),1)
+	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit( \
+	  'nvidia-smi sees a GPU ($(GPU_NAME)), but torch ' + torch.__version__ + ' cannot use it ' + \
+	  '(torch.version.cuda = ' + str(torch.version.cuda) + '; None means a CPU-only build, else a CUDA build ' + \
+	  'this driver does not run). Install the torch build for this driver into $(VENV) ' + \
+	  '(https://pytorch.org/get-started/locally/), or run on the CPU on purpose: make <target> HAS_CUDA=0')"
+endif
+
 # llama-cpp-python has no wheel on the registry: build it once (about 7 min on 2 cores) into a
 # cache folder outside the checkout, so later `make test` runs and fresh clones reuse it.
 $(LLAMA_STAMP): $(STAMP)
@@ -57,16 +69,16 @@ $(LLAMA_STAMP): $(STAMP)
 	  $(PIP) install -q --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl && \
 	  touch $@)
 
-unit: $(STAMP)
+unit: $(STAMP) cuda-check
 	@$(call stage,unit tests,$(PY) -m pytest -q -m "not runtime and not notebook")
 
 # The notebooks end to end on the tiny preset, both ways CI users run them: papermill, every arm with the
 # exports (tests/test_notebooks.py), and nbval, `pytest --nbval-lax --nbval-current-env notebooks/` with
 # the preset chosen through GRIT_* variables, then checked against arms.run_hf (tests/test_nbval.py).
-notebooks: $(LLAMA_STAMP)
+notebooks: $(LLAMA_STAMP) cuda-check
 	@$(call stage,notebooks,$(PY) -m pytest -q -m notebook)
 
-runtime: $(LLAMA_STAMP)
+runtime: $(LLAMA_STAMP) cuda-check
 	@$(call stage,runtime tests,$(PY) -m pytest -q -m runtime)
 
 test: $(STAMP) $(LLAMA_STAMP)
@@ -74,10 +86,10 @@ test: $(STAMP) $(LLAMA_STAMP)
 	@$(MAKE) --no-print-directory notebooks
 	@$(MAKE) --no-print-directory runtime
 
-study: $(STAMP)
+study: $(STAMP) cuda-check
 	@$(call stage,study,$(PY) -m grit_study.main study --logdir $(LOGDIR) --notebook-dir $(NB_OUT))
 
-ablations: $(STAMP)
+ablations: $(STAMP) cuda-check
 	@$(call stage,ablations,$(PY) -m grit_study.main ablations --logdir $(LOGDIR) --notebook-dir $(NB_OUT))
 
 # The verdict protocol in tiers (grit_study/sweep.py): resumable, skips finished runs. `make sweep --dry-run`
@@ -86,8 +98,15 @@ ablations: $(STAMP)
 # GRIT_PRESET or the auto choice); SWEEP_ARGS passes more options (e.g. SWEEP_ARGS="--arms control").
 PRESET ?=
 SWEEP_DRY := $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run,)
-sweep: $(STAMP)
+sweep: $(STAMP) cuda-check
 	+@$(call stage,sweep,$(PY) -m grit_study.sweep --logdir $(LOGDIR)/sweep $(if $(PRESET),--preset $(PRESET),) $(SWEEP_DRY) $(SWEEP_ARGS))
+
+# The GPU acceptance check (benchmarks/gpu_check.py): on a CUDA machine both parts (core tests + notebook 02 on
+# the tiny preset, then the 8B-shaped step overhead); without one, the dry run: the plan and the commands for
+# the lent GPU machine. GPU_CHECK_ARGS overrides (e.g. GPU_CHECK_ARGS="--part core").
+GPU_CHECK_ARGS ?= $(if $(filter 1,$(HAS_CUDA)),--part core --part overhead,--dry-run)
+gpu-check: $(STAMP) cuda-check
+	@$(call stage,gpu-check,$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS))
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

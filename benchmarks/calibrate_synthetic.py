@@ -1,7 +1,7 @@
 """Calibrate the synthetic families on the control arm only (issue "A verdict with power", section 1).
 
-    python -m grit_study.sweep --tiers 1 --only control/lr2e-04_seed3407_steps60   # the control's tuning run
-    python benchmarks/calibrate_synthetic.py --run tensorboard_logs/sweep/control/lr2e-04_seed3407_steps60
+    python -m grit_study.sweep --preset smollm2-135m --tiers 1 --only control/lr2e-04_seed3407_steps60  # tuning run
+    python benchmarks/calibrate_synthetic.py --run tensorboard_logs/sweep/smollm2-135m/control/lr2e-04_seed3407_steps60
 
 Decodes the validation prompts (never the test split) with the control run's saved adapter and prints
 exact match per family next to the difficulty table (``grit_study.synthetic.DIFFICULTY``). The aim:

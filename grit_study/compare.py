@@ -86,7 +86,7 @@ def load_runs(logdir: str | os.PathLike, *, latest_per_key: bool = True, recursi
     ``filters``: summary fields that must match (e.g. ``preset="smollm2-135m"``); ``None`` ignores one.
     ``latest_per_key``: keep only the newest run of each (arm, learning rate, seed, steps) (names end in a
     sortable timestamp, or the run directories sort by their key). ``recursive``: look in subfolders too
-    (the sweep's ``tensorboard_logs/sweep/<arm>/<run>``).
+    (the sweep's ``tensorboard_logs/sweep/<preset>/<arm>/<run>``).
     """
     logdir = Path(logdir)
     if not logdir.is_dir():

@@ -1,13 +1,14 @@
 """README's answer: GRIT vs its control on test loss, one small table and one plot, from the sweep's logs.
 
-    md = write_headline("tensorboard_logs/sweep", "readme_files/sweep")   # writes headline.png, returns Markdown
+    md = write_headline("tensorboard_logs/sweep/smollm2-135m", "readme_files/sweep", preset="smollm2-135m")
 
 ``python -m grit_study.sweep --report DIR`` splices the Markdown into README.md between ``ANSWER_MARKERS``.
-The numbers are the verdict's own: the same records (``grit_study.sweep.finished_records``, tiers 1-3), the
-same primary length (the shortest at which both arms were evaluated, as ``grit_study.report.write_report``
-picks it) and the same ``grit_study.stats.compare_to_control`` call, so each row equals the ``grit`` /
-``test loss`` row of the verdict table (docs/verdict.md). Only the exact-match bootstrap rows are skipped:
-they are not part of the Holm family, so the t-rows do not depend on them.
+The numbers are the verdict's own: the same records (``grit_study.sweep.verdict_records``, tiers 1-3), the
+same primary length (the pre-registration's, else the shortest at which both arms were evaluated, as
+``grit_study.report.write_report`` picks it) and the same ``grit_study.report.verdict_comparisons`` call
+(bootstrap rows included: where the t and the crossed bootstrap disagree, the t-row's label says so), so each
+row equals the ``grit`` / ``test loss`` paired-t row of the verdict table (docs/verdict.md). With a final
+pre-registration the primary row's verdict is its equivalence decision (``grit_study.report.preregistered_decision``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .stats import METRICS, compare_to_control, final_runs, normalize_records
+from .stats import PAIRED_T, final_runs, normalize_records
 from .tables import markdown_table, mean_sd_cell
 
 ANSWER_MARKERS = ("<!-- answer:start -->", "<!-- answer:end -->")
@@ -26,32 +27,50 @@ PLOT = "headline.png"
 
 
 def answer_rows(records: Iterable[Mapping[str, Any]], *, reference: str = "control", arm: str = "grit",
-                metric: str = "test_loss") -> list[dict[str, Any]]:
-    """One row per run length at which both ``arm`` and ``reference`` were evaluated: the verdict's
-    comparison of ``metric`` (a ``grit_study.stats.Comparison``), each arm's values per seed and its rate."""
+                metric: str = "test_loss", preregistration=None) -> list[dict[str, Any]]:
+    """One row per run length at which both ``arm`` and ``reference`` were evaluated: the verdict's paired-t
+    comparison of ``metric`` (a ``grit_study.stats.Comparison``), each arm's values per seed and its rate, and
+    at the primary length with a final ``preregistration`` its decision (``preregistered_decision``)."""
+    from .report import apply_diverged_rule, preregistered_decision, verdict_comparisons
+    from .sweep import VERDICT_PAIRS
+
     recs = normalize_records(records)
+    prereg = preregistration
+    if prereg is not None:
+        recs, _ = apply_diverged_rule(recs, prereg)
     lengths = sorted({r["max_steps"] for r in recs if r["test_loss"] is not None})
     groups = [final_runs(recs, max_steps=s) for s in lengths]
     both = [g for g in groups if {reference, arm} <= set(g.by_arm)]
-    primary_steps = both[0].max_steps if both else None
+    primary_steps = prereg.steps if prereg is not None else (both[0].max_steps if both else None)
     rows = []
     for g in both:
         primary = (arm, metric) if g.max_steps == primary_steps else None
-        comps = compare_to_control(recs, reference=reference, primary=primary, metrics=METRICS,
-                                   max_steps=g.max_steps, bootstrap=False)
-        comp = next(c for c in comps if c.arm == arm and c.metric == metric)
-        family = sum(1 for c in comps if c.role == "secondary")  # the Holm family's m (bootstrap rows are not in it)
+        margin = prereg.margin if prereg is not None and primary is not None else None
+        comps = verdict_comparisons(recs, g.max_steps, primary=primary, reference=reference, pairs=VERDICT_PAIRS,
+                                    margin=margin)
+        comp = next(c for c in comps if c.arm == arm and c.reference == reference and c.metric == metric
+                    and c.method == PAIRED_T)
+        family = sum(1 for c in comps if c.role == "secondary" and c.method == PAIRED_T)  # the Holm family's m
         values = {a: {s: r[metric] for s, r in g.by_arm[a].items() if r[metric] is not None} for a in (reference, arm)}
         n_prompts = {len(r["predictions"]) for a in (reference, arm) for r in g.by_arm[a].values() if r["predictions"]}
         rows.append({"steps": g.max_steps, "comparison": comp, "values": values,
                      "learning_rate": {a: g.learning_rate[a] for a in (reference, arm)},
-                     "prompts": n_prompts.pop() if len(n_prompts) == 1 else None, "family": family})
+                     "prompts": n_prompts.pop() if len(n_prompts) == 1 else None, "family": family,
+                     "decision": preregistered_decision(comps, prereg) if margin is not None else None})
     return rows
 
 
+REANALYSIS = ("Not pre-registered: the rows besides the primary follow a re-analysis after the fact (issue 21), "
+              "whose Holm family leaves out untuned arms and drift (docs/verdict.md).")
+NOT_FINAL = ("Not pre-registered yet: the preset's pre-registration is not final, so the primary is a t-interval, "
+             "not its equivalence test.")
+
+
 def headline_markdown(rows: list[dict[str, Any]], *, image: str | None, reference: str = "control",
-                      arm: str = "grit") -> str:
-    """The answer block: a sentence on what is compared, the table, the primary verdict's text, the plot."""
+                      arm: str = "grit", note: str | None = None) -> str:
+    """The answer block: a sentence on what is compared, the table, the primary verdict's text, ``note`` (why it
+    is not pre-registered: ``REANALYSIS`` or ``NOT_FINAL``; shown when there is more than the primary row or the
+    preset awaits its pre-registration), the plot."""
     if not rows:
         return (f"**No answer yet**: no run length has evaluated runs of both `{arm}` and `{reference}` "
                 "(run `make sweep`).")
@@ -75,16 +94,26 @@ def headline_markdown(rows: list[dict[str, Any]], *, image: str | None, referenc
         else:
             d, v = c.diff, c.verdict
             level = f"{100 * d.confidence:.4g}%" + ("" if c.role == "primary" else f", Bonferroni m={row['family']}")
-            label = f"**{v.label}**" if c.role == "primary" else v.label
+            if row["decision"] is not None:  # pre-registered: the equivalence decision, margin in the text below
+                label = f"**{row['decision']['label']}** (TOST)"
+            else:
+                label = f"**{v.label}**" if c.role == "primary" else v.label
             cells += [f"{d.mean:+.4g}", f"[{d.lower:+.4g}, {d.upper:+.4g}] ({level})", f"{label} (MDE {v.mde:.3g})"]
         body.append(cells)
     md += markdown_table(header, body)
     primary = next((r for r in rows if r["comparison"].role == "primary"), None)
-    if primary is not None:
+    if primary is not None and primary["decision"] is not None:
+        dec = primary["decision"]
+        md += ["", f"Primary comparison, {primary['steps']} steps, pre-registered as an equivalence test: "
+               f"**{dec['label']}**" + (f" ({dec['why']})" if dec["why"] else "")
+               + (f"; {dec['deciding'].equivalence.text}" if dec["deciding"] is not None else "") + "."]
+    elif primary is not None:
         v = primary["comparison"].verdict
         ref_mean = float(np.mean(list(primary["values"][reference].values())))
         md += ["", f"Primary comparison, {primary['steps']} steps: {v.text} (the MDE is "
                f"{100 * v.mde / ref_mean:.0f}% of the {reference}'s mean test loss)."]
+    if note is not None and (len(rows) > 1 or note is NOT_FINAL):
+        md += ["", note]
     if image:
         md += ["", f"![{arm} − {reference}, test loss per seed]({image})"]
     return "\n".join(md)
@@ -122,13 +151,16 @@ def plot_headline(rows: list[dict[str, Any]], path: Path, *, reference: str = "c
     return path
 
 
-def write_headline(logdir: str | os.PathLike, out_dir: str | os.PathLike, *, image_prefix: str | None = None) -> str:
-    """README's answer block from the finished sweep runs under ``logdir``; the plot goes to ``out_dir``.
-    ``image_prefix``: how the Markdown links the plot (default: ``out_dir`` as given)."""
-    from .sweep import VERDICT_TIERS, finished_records
+def write_headline(logdir: str | os.PathLike, out_dir: str | os.PathLike, *, image_prefix: str | None = None,
+                   preset: str | None = None) -> str:
+    """README's answer block from the finished sweep runs under ``logdir`` (of ``preset``: its pre-registration,
+    if final, decides the primary); the plot goes to ``out_dir``. ``image_prefix``: how the Markdown links the
+    plot (default: ``out_dir`` as given)."""
+    from .sweep import has_preregistration, verdict_preregistration, verdict_records
 
-    records = [r for r in finished_records(Path(logdir)) if r["tier"] in VERDICT_TIERS]
-    rows = answer_rows(records) if records else []
+    records = verdict_records(logdir, preset)
+    prereg = verdict_preregistration(preset)
+    rows = answer_rows(records, preregistration=prereg) if records else []
     image = None
     if rows:
         out = Path(out_dir)
@@ -136,4 +168,5 @@ def write_headline(logdir: str | os.PathLike, out_dir: str | os.PathLike, *, ima
         plot_headline(rows, out / PLOT)
         prefix = str(out_dir).rstrip("/") + "/" if image_prefix is None else image_prefix
         image = f"{prefix}{PLOT}"
-    return headline_markdown(rows, image=image)
+    note = None if prereg is not None else NOT_FINAL if has_preregistration(preset) else REANALYSIS
+    return headline_markdown(rows, image=image, note=note)

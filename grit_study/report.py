@@ -3,8 +3,10 @@
     md = write_report(records, "readme_files")   # writes the PNGs there, returns the Markdown
 
 Sections, one per run length (60-step tier 2, 200-step tier 3): per arm mean ± sd over seeds; per arm
-vs control the paired difference, its interval, p, the computed verdict and the MDE; exact match by
-family. Then the tuning table (tier 1) and three plots:
+vs control (and grit_sgd vs control_sgd) the paired difference, its interval, p, the computed verdict and the
+MDE, with a crossed bootstrap beside the t where there is per-prompt data; with a pre-registration
+(``grit_study.prereg``) the primary's equivalence decision; exact match by family. Then the tuning table
+(tier 1) and three plots:
 - ``val_loss_by_step.png``: val loss vs step per arm, line = mean over seeds, band = min-max over seeds;
 - ``lr_sweep.png``: final val loss vs learning rate per tuned arm (tier 1, log x), chosen rate starred;
 - ``retention_frontier.png``: retention KL vs val-loss gain over the base model (step-0 val loss minus
@@ -21,8 +23,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .stats import (METRICS, Comparison, FinalRuns, LearningRateChoice, choose_learning_rates,
-                    compare_to_control, final_runs, normalize_records)
+from .stats import (CROSSED, INCONCLUSIVE, METRICS, PAIRED_T, Comparison, FinalRuns, LearningRateChoice,
+                    choose_learning_rates, compare_to_control, final_runs, normalize_records)
 from .tables import markdown_table, mean_sd, mean_sd_text
 
 SUMMARY_COLUMNS = (  # (record key, column title, format)
@@ -83,21 +85,79 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return markdown_table(header, body)
 
 
+def _mde_cell(c: Comparison) -> str:
+    v = c.verdict
+    if v is None or v.mde is None:
+        return "–"
+    return f"{v.mde:.3g}" + (f" / {v.mde_upper:.3g}" if v.mde_upper is not None else "")
+
+
 def comparison_markdown(comps: Sequence[Comparison], reference: str) -> list[str]:
-    header = ["arm", "metric", "method", "seeds", f"Δ (arm − {reference})", "interval", "p", "verdict", "MDE", "note"]
+    """The comparison table; a row against another reference (grit_sgd vs control_sgd) names it in the arm cell.
+    MDE: at the observed sd / at the sd's one-sided 95% upper bound (paired t rows)."""
+    header = ["arm", "metric", "method", "seeds", "Δ (arm − reference)", "interval", "p", "verdict",
+              "MDE (sd / sd 95% upper)", "note"]
     body = []
     for c in comps:
         title = METRIC_TITLES.get(c.metric, c.metric)
-        if c.diff is None:
-            body.append([c.arm, title, c.method, str(c.n), "–", "–", "–", "descriptive", "–", c.note])
+        arm = c.arm if c.reference == reference else f"{c.arm} vs {c.reference}"
+        d = c.diff
+        if d is None:
+            body.append([arm, title, c.method, str(c.n), "–", "–", "–", "descriptive", "–", c.note])
             continue
-        d, v = c.diff, c.verdict
         interval = f"[{d.lower:+.4g}, {d.upper:+.4g}] ({100 * d.confidence:.4g}%)"
+        if c.verdict is None:
+            body.append([arm, title, c.method, str(c.n), f"{d.mean:+.4g}", interval, "–", "descriptive", "–", c.note])
+            continue
         p = "–" if c.p_adjusted is None else f"{c.p_adjusted:.3g}"
-        verdict = f"**{v.label}**" if c.role == "primary" else v.label
-        body.append([c.arm, title + (" (primary)" if c.role == "primary" else ""), c.method, str(c.n),
-                     f"{d.mean:+.4g}", interval, p, verdict, f"{v.mde:.3g}", c.note])
+        verdict = f"**{c.verdict.label}**" if c.role == "primary" else c.verdict.label
+        body.append([arm, title + (" (primary)" if c.role == "primary" else ""), c.method, str(c.n),
+                     f"{d.mean:+.4g}", interval, p, verdict, _mde_cell(c), c.note])
     return markdown_table(header, body)
+
+
+INCOMPLETE = "incomplete"
+ANALYSIS_NAMES = {"paired_t": "paired t over seeds", "crossed_bootstrap": "crossed bootstrap"}
+
+
+def preregistered_decision(comps: Sequence[Comparison], prereg) -> dict[str, Any]:
+    """The primary's decision under ``prereg`` (``grit_study.prereg.Preregistration``): the TOST of the analysis it
+    names (``decides``), the other analysis beside it, whether they disagree, and "incomplete" while the primary
+    lacks any of the pre-registered seeds (or the deciding analysis has no data)."""
+    rows = {c.method: c for c in comps if c.role == "primary" and c.equivalence is not None}
+    deciding = rows.get(PAIRED_T if prereg.decides == "paired_t" else CROSSED)
+    other = rows.get(CROSSED if prereg.decides == "paired_t" else PAIRED_T)
+    t_row = rows.get(PAIRED_T)
+    seeds = set(t_row.diff.seeds) if t_row is not None else set()
+    missing = sorted(set(prereg.seeds) - seeds)
+    extra = sorted(seeds - set(prereg.seeds))
+    if deciding is None:
+        label, why = INCOMPLETE, f"the deciding analysis ({ANALYSIS_NAMES[prereg.decides]}) has no data yet"
+    elif missing or extra:
+        label, why = INCOMPLETE, (f"the primary's seeds differ from the pre-registered {list(prereg.seeds)} "
+                                  f"(missing {missing}, not pre-registered {extra})")
+    else:
+        label, why = deciding.equivalence.label, ""
+    disagree = (deciding is not None and other is not None
+                and deciding.equivalence.label != other.equivalence.label)
+    return {"label": label, "why": why, "deciding": deciding, "other": other, "disagree": disagree}
+
+
+def preregistered_markdown(comps: Sequence[Comparison], prereg) -> list[str]:
+    dec = preregistered_decision(comps, prereg)
+    md = [f"**Pre-registered primary** ({prereg.arm} − {prereg.reference}, {METRIC_TITLES.get(prereg.metric)}, "
+          f"{prereg.steps} steps; `{prereg.path}`): **{dec['label']}**" + (f" ({dec['why']})" if dec["why"] else "")
+          + "."]
+    for key, what in (("deciding", "Deciding analysis"), ("other", "Beside it (not deciding)")):
+        c = dec[key]
+        if c is not None:
+            e = c.equivalence
+            p = f"; TOST p = {e.p:.3g}" if e.p is not None else ""
+            md[-1] += f" {what}: {e.text}{p}."
+    if dec["disagree"]:
+        md[-1] += (" The two analyses disagree; the pre-registered one decides and the other is reported, "
+                   "not taken.")
+    return md + [""]
 
 
 def family_markdown(fam: Mapping[str, Mapping[str, float]]) -> list[str]:
@@ -222,20 +282,78 @@ def _arm_order(records: Sequence[Mapping[str, Any]], reference: str, primary_arm
     return [a for a in head if a in seen] + [a for a in seen if a not in head]
 
 
+def tuned_arms(records: Iterable[Mapping[str, Any]]) -> set[str] | None:
+    """The arms whose learning rate was chosen on val (those with tier-1 runs); None when no record is from tier 1
+    (then every arm counts as tuned)."""
+    tuned = {r["arm"] for r in records if r["tier"] == 1}
+    return tuned or None
+
+
+def verdict_comparisons(records: Sequence[Mapping[str, Any]], max_steps: int, *, primary: tuple[str, str] | None,
+                        reference: str = "control", learning_rates: Mapping[str, float] | None = None,
+                        pairs: Sequence[tuple[str, str]] = (), margin: float | None = None, n_boot: int = 10_000,
+                        rng_seed: int = 0) -> list[Comparison]:
+    """The verdict's comparisons at one run length, the one call the verdict table and README's answer
+    (``grit_study.headline``) share: tuned arms in the Holm family, untuned arms and drift descriptive,
+    ``pairs`` besides the control, crossed-bootstrap rows where there is per-prompt data."""
+    return compare_to_control(records, reference=reference, primary=primary, metrics=METRICS, max_steps=max_steps,
+                              learning_rates=learning_rates, n_boot=n_boot, rng_seed=rng_seed,
+                              tuned=tuned_arms(records), pairs=pairs, margin=margin)
+
+
+def apply_diverged_rule(records: list[dict[str, Any]], prereg) -> tuple[list[dict[str, Any]], list[int]]:
+    """The pre-registration's ``diverged_runs`` rule on the primary's runs (its arms, at its length): a test loss
+    that is not finite is replaced by the base model's (base_loss), or that seed's records of both arms lose
+    their test evaluation (exclude_pair). Returns (records, affected seeds)."""
+    from .prereg import apply_diverged_rule as rule
+
+    mine = [r for r in records if r["arm"] in (prereg.arm, prereg.reference) and r["max_steps"] == prereg.steps
+            and r["test_loss"] is not None]
+    a = {r["seed"]: r["test_loss"] for r in mine if r["arm"] == prereg.arm}
+    b = {r["seed"]: r["test_loss"] for r in mine if r["arm"] == prereg.reference}
+    a2, b2, bad = rule(a, b, prereg.diverged_rule, prereg.base_test_loss)
+    if not bad:
+        return records, []
+    out = []
+    for r in records:
+        if any(r is m for m in mine) and r["seed"] in bad:
+            fixed = (a2 if r["arm"] == prereg.arm else b2).get(r["seed"])
+            r = {**r, "test_loss": fixed} if fixed is not None else {**r, "test_loss": None}
+        out.append(r)
+    return out, bad
+
+
+REANALYSIS_NOTE = ("**A re-analysis after the fact (issue 21), not pre-registered.** These runs were planned with "
+                   "every other arm in one Holm family (untuned arms and drift labelled too) and exact match "
+                   "bootstrapped over prompts only; the tables below re-analyse the same logs with the rules above.")
+NOT_FINAL_NOTE = ("**Not pre-registered yet**: this preset's pre-registration is not final (or not readable), so its "
+                  "primary is shown as a t-interval, not as the pre-registered equivalence test.")
+
+
 def write_report(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, *, reference: str = "control",
                  primary_arm: str = "grit", primary_steps: int | None = None,
                  learning_rates: Mapping[str, float] | None = None, arm_order: Sequence[str] | None = None,
-                 image_prefix: str | None = None, n_boot: int = 10_000, rng_seed: int = 0) -> str:
+                 image_prefix: str | None = None, n_boot: int = 10_000, rng_seed: int = 0,
+                 pairs: Sequence[tuple[str, str]] = (), preregistration=None, note: str = REANALYSIS_NOTE) -> str:
     """Write the plots into ``out_dir`` and return the report as Markdown.
 
     ``records``: every run of the sweep (tiers 1-3), dicts as ``grit_study.stats.normalize_record`` reads.
     ``primary_steps``: the run length whose ``primary_arm`` vs ``reference`` test-loss comparison is the
-    primary one (default: the shortest length at which both arms were evaluated); at other lengths every
-    comparison is secondary, in that length's own Holm family. ``learning_rates``: arm -> rate, only
-    needed when an arm was evaluated at several rates. ``image_prefix``: how the Markdown links the
-    PNGs (default: ``out_dir`` as given).
+    primary one (default: the pre-registration's, else the shortest length at which both arms were
+    evaluated); at other lengths every comparison is secondary, in that length's own Holm family.
+    ``learning_rates``: arm -> rate, only needed when an arm was evaluated at several rates. ``image_prefix``:
+    how the Markdown links the PNGs (default: ``out_dir`` as given). ``pairs``: (arm, reference) compared besides
+    the control (``verdict_comparisons``). ``preregistration``: a final ``grit_study.prereg.Preregistration``:
+    its primary as an equivalence test (``preregistered_markdown``); None: the block says it is not
+    pre-registered, in ``note`` (default ``REANALYSIS_NOTE``, the synthetic study's; ``NOT_FINAL_NOTE`` for a
+    preset whose pre-registration is not final yet).
     """
     recs = normalize_records(records)
+    prereg = preregistration
+    diverged: list[int] = []
+    if prereg is not None:
+        primary_arm, reference, primary_steps = prereg.arm, prereg.reference, prereg.steps
+        recs, diverged = apply_diverged_rule(recs, prereg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = str(out_dir) if image_prefix is None else image_prefix
@@ -245,27 +363,51 @@ def write_report(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLik
     if primary_steps is None:
         both = [g.max_steps for g in groups if {reference, primary_arm} <= set(g.by_arm)]
         primary_steps = both[0] if both else None
-
+    when = f"{primary_steps} steps" if primary_steps else "the tier-2 length (none evaluated yet)"
+    if prereg is None:
+        primary_text = (f"The primary comparison is {primary_arm} vs {reference} on test loss at {when}, with an "
+                        "uncorrected 95% t-interval.")
+    else:
+        primary_text = (f"The primary comparison is {primary_arm} vs {reference} on test loss at {when}, "
+                        f"pre-registered in `{prereg.path}` as an equivalence test: TOST at alpha "
+                        f"{prereg.alpha:g} with margin ±{prereg.margin:.4g} ({prereg.margin_rule}), decided by the "
+                        f"{ANALYSIS_NAMES[prereg.decides]}: equivalent within the margin when the 90% interval lies "
+                        "inside (−margin, +margin); otherwise better or worse when the 95% interval excludes 0; "
+                        f"otherwise {INCONCLUSIVE}. Diverged runs: {prereg.diverged_rule}"
+                        + (f" (seeds {diverged})." if diverged else " (none)."))
+    per_prompt = any(r["per_prompt"] for r in recs)
     md = ["### Verdict, computed from the sweep logs", "",
-          f"Differences are arm − {reference}, paired by training seed (same LoRA init and data order). "
-          f"The primary comparison is {primary_arm} vs {reference} on test loss at "
-          f"{f'{primary_steps} steps' if primary_steps else 'the tier-2 length (none evaluated yet)'}, "
-          "with an uncorrected 95% t-interval. Every other row of a table is in one family per run length: "
-          "p is Holm-adjusted and the interval is a Bonferroni (1 − 0.05/m) t-interval. The verdict is "
-          "computed: better/worse only when the interval excludes 0 (lower is better for loss, KL and drift; "
-          "higher for exact match), otherwise no detectable difference, with the MDE: the smallest true "
-          "difference the design detects with 80% power at the row's level (noncentral t, observed sd). "
-          "Bootstrap rows resample test prompts (same prompts for both arms, pooled over shared seeds, "
-          "stratified by family); their MDE is the normal approximation from the bootstrap se.", ""]
+          f"Differences are arm − reference ({reference}; grit_sgd also vs control_sgd where both ran), paired by "
+          f"training seed (same LoRA init and data order). {primary_text} The other comparisons of tuned arms "
+          "(learning rate chosen on val in tier 1) on test loss, exact match and retention KL form one family per "
+          "run length: p is Holm-adjusted and the interval is a Bonferroni (1 − 0.05/m) t-interval; better/worse "
+          "only when it excludes 0 (lower is better for loss and KL, higher for exact match), otherwise no "
+          "detectable difference, with the MDE: the smallest true difference the design detects with 80% power "
+          "at the row's level (noncentral t), at the observed sd and at the sd's one-sided 95% upper bound "
+          "(chi-square). Descriptive rows carry no label and stay outside the family: arms whose rate was not "
+          "tuned on val (loraplus at the control's rate, grit_published at the published rate), drift (a size, "
+          "not a quality) and arms with fewer than 2 paired seeds; their interval is an uncorrected 95% one. "
+          "Crossed-bootstrap rows resample seeds (paired) and, crossed with them, one common set of test prompts "
+          "for every seed and arm (token-weighted for test loss; stratified by family for exact match), at the "
+          "t-row's level, MDE from the bootstrap se; where exactly one of the two intervals excludes 0 both rows "
+          "say \"t and bootstrap disagree\" and neither label is taken."
+          + ("" if per_prompt else " No run holds per-prompt test losses (per_prompt.jsonl), so test loss has "
+             "only its t-row."), ""]
+    if prereg is None:
+        md += [note, ""]
     if not groups:  # tuning only so far: say so rather than print an empty verdict
         md += ["**No verdict yet**: no run has been evaluated on the test split (tier 2 has not run). "
                "What follows is the tuning so far.", ""]
     for g in groups:
         primary = (primary_arm, "test_loss") if g.max_steps == primary_steps else None
-        comps = compare_to_control(recs, reference=reference, primary=primary, metrics=METRICS,
-                                   max_steps=g.max_steps, learning_rates=learning_rates, n_boot=n_boot,
-                                   rng_seed=rng_seed)
-        md += [f"### {g.max_steps} steps", "", "Per arm, mean ± sd over seeds (sd with n − 1):", ""]
+        margin = prereg.margin if prereg is not None and primary is not None else None
+        comps = verdict_comparisons(recs, g.max_steps, primary=primary, reference=reference,
+                                    learning_rates=learning_rates, pairs=pairs, margin=margin, n_boot=n_boot,
+                                    rng_seed=rng_seed)
+        md += [f"### {g.max_steps} steps", ""]
+        if margin is not None:
+            md += preregistered_markdown(comps, prereg)
+        md += ["Per arm, mean ± sd over seeds (sd with n − 1):", ""]
         md += summary_markdown(arm_summary(g, order)) + [""]
         md += [f"Each arm vs {reference}:", ""] + comparison_markdown(comps, reference) + [""]
         fam = family_exact_match(g, order)

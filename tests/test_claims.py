@@ -233,6 +233,7 @@ def test_tier4_end_to_end_on_the_tiny_preset(tmp_path):
 
     logdir, adapters = tmp_path / "logs", tmp_path / "adapters"
     common = ["--preset", "tiny", "--logdir", str(logdir), "--adapters", str(adapters)]
+    logdir, adapters = logdir / "tiny", adapters / "tiny"  # the preset's own folders under the roots
     lr, seed, steps = 2e-4, sweep.BASE_SEED, 4
     full = sweep.PlannedRun(4, "grit_full", lr, seed, steps, "full")
     control = sweep.PlannedRun(2, "control", lr, seed, steps, "full")

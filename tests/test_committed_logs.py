@@ -34,3 +34,27 @@ def test_committed_top_level_runs_are_on_the_data_the_code_builds_now():
             "`make study` run. Move it under tensorboard_logs/archive/ or rerun `make study`.")
     if summaries:  # 03's own reader sees the same runs, so the check above covers what it compares
         assert {r.name for r in load_runs(LOGS, latest_per_key=False)} == set(summaries)
+
+
+SWEEP_ROOT = LOGS / "sweep"
+SWEEP_PRESET = "smollm2-135m"  # the committed synthetic study (63 runs)
+
+
+def test_the_committed_sweep_lives_in_its_preset_folder_and_is_done():
+    """Per-preset layout (issue 21): every committed sweep run is under tensorboard_logs/sweep/<its preset>/, none
+    in the old layout, and the plan of the synthetic preset finds all 63 finished under the current definition
+    (a field added to Preset or ArmSpec since, at its default, must not make them stale)."""
+    from grit_study import sweep
+    from grit_study.presets import resolve_preset
+
+    misplaced = [str(p) for p in SWEEP_ROOT.rglob("run_summary.json")
+                 if p.relative_to(SWEEP_ROOT).parts[0] != json.loads(p.read_text())["preset"]]
+    assert not misplaced, f"sweep runs outside their preset's folder: {misplaced[:3]}"
+    assert sweep.legacy_runs(SWEEP_ROOT) == []
+    logdir = sweep.preset_logdir(SWEEP_ROOT, SWEEP_PRESET)
+    records = sweep.finished_records(logdir, SWEEP_PRESET)
+    base = resolve_preset(SWEEP_PRESET)
+    runs, notes = sweep.plan(records, base.max_steps, base.learning_rate, (1, 2, 3, 4))
+    states = {r.name: sweep.status(logdir, r, SWEEP_PRESET) for r in runs}
+    assert len(runs) == len(records) == 63 and notes == []
+    assert set(states.values()) == {"done"}, {k: v for k, v in states.items() if v != "done"}

@@ -97,9 +97,14 @@ def test_write_report_writes_plots_and_the_right_rows(tmp_path):
     primary = keyed[("grit", "test loss (primary)", "paired t over seeds")]
     assert primary[7] == "**worse**" and "(95%)" in primary[5]
     assert keyed[("grit_published", "test loss", "paired t over seeds")][7] == "descriptive"
-    assert ("grit", "exact match", "paired bootstrap over prompts") in keyed
-    # secondary family at 60 steps: grit x {exact match, retention KL, drift} = 3 -> 98.33% intervals
-    assert "(98.33%)" in keyed[("grit", "retention KL", "paired t over seeds")][5]
+    assert ("grit", "exact match", stats.CROSSED) in keyed  # seeds x prompts (was: prompts only, issue 21)
+    # secondary family at 60 steps: grit x {exact match, retention KL} = 2 -> 97.5% intervals; drift is
+    # descriptive since issue 21 (a size, not a quality): an uncorrected 95% interval and no label.
+    assert "(97.5%)" in keyed[("grit", "retention KL", "paired t over seeds")][5]
+    drift = keyed[("grit", "drift", "paired t over seeds")]
+    assert drift[7] == "descriptive" and "(95%)" in drift[5] and drift[6] == "–"
+    # Not pre-registered: the block says it is a re-analysis.
+    assert report.REANALYSIS_NOTE in md
 
     comps200 = _table_after(md, "### 200 steps", "Each arm vs control:")
     assert {r[1] for r in comps200 if r[0] == "grit"} >= {"test loss"}  # no primary at 200 steps
@@ -128,3 +133,75 @@ def test_a_sweep_with_only_tuning_runs_reports_no_verdict_and_its_tuning(tmp_pat
     assert "Each arm vs control" not in md  # no comparison table without test losses
     assert "Tuning (tier 1" in md and (tmp_path / "lr_sweep.png").is_file()
     assert not (tmp_path / "val_loss_by_step.png").exists()
+
+
+# ----------------------------------------------------------------------------- pre-registered primary (issue 21)
+
+def _prereg(seeds, decides="paired_t", margin=0.05, diverged="base_loss"):
+    from grit_study.prereg import parse_preregistration
+
+    return parse_preregistration({
+        "schema_version": 1, "preset": "p", "base_test_loss": 2.0,
+        "primary": {"arm": "grit", "reference": "control", "metric": "test_loss", "steps": 60, "test": "tost",
+                    "alpha": 0.05, "decides": decides},
+        "margin": {"rule": "absolute", "value": margin, "justification": "test"},
+        "seeds": list(seeds), "n": len(seeds), "tuning_seed": 0,
+        "diverged_runs": {"rule": diverged, "justification": "test"}}, "docs/preregistration/p.json")
+
+
+def _prereg_sweep(gap=0.004, diverged_seed=None):
+    """Tier-1 control/grit at seed 0, then seeds 1-4 evaluated with per-prompt losses; grit - control = gap."""
+    rng = np.random.default_rng(5)
+    recs = [_run(rng, arm, lr, 0, tier=1, final=v) for arm in ("control", "grit")
+            for lr, v in zip((5e-5, 2e-4, 8e-4), (1.4, 1.2, 1.3))]
+    difficulty = rng.gamma(2.0, 0.5, size=30)
+    for s in range(1, 5):
+        seed_effect = 0.01 * rng.normal()
+        for arm, shift in (("control", 0.0), ("grit", gap)):
+            rec = _run(rng, arm, 2e-4, s, tier=2, final=1.2)
+            nll = difficulty + 1.0 + seed_effect + shift + 0.002 * rng.normal(size=30)
+            rec["per_prompt"] = [{"id": f"p{i}", "nll_sum": float(3 * nll[i]), "tokens": 3} for i in range(30)]
+            rec["test_loss"] = float(nll.mean())
+            if arm == "grit" and s == diverged_seed:
+                rec["test_loss"] = float("nan")
+            recs.append(rec)
+    return recs
+
+
+def test_a_preregistered_primary_is_an_equivalence_test(tmp_path):
+    recs = _prereg_sweep()
+    md = report.write_report(recs, tmp_path, preregistration=_prereg((1, 2, 3, 4)), n_boot=2000)
+    assert report.REANALYSIS_NOTE not in md and "pre-registered in `docs/preregistration/p.json`" in md
+    line = next(x for x in md.splitlines() if x.startswith("**Pre-registered primary**"))
+    assert f"**{stats.EQUIVALENT}**" in line and "Deciding analysis: equivalent within the margin" in line
+    assert "paired t over seeds" in line and "crossed bootstrap" in line and "TOST p = " in line
+    # The deciding TOST is the stats module's, on the same seeds.
+    by_seed = lambda arm: {r["seed"]: r["test_loss"] for r in recs if r["arm"] == arm and r["tier"] == 2}
+    e = stats.tost_paired(by_seed("grit"), by_seed("control"), margin=0.05, metric="test_loss")
+    assert f"90% interval [{e.ci90[0]:+.4g}, {e.ci90[1]:+.4g}]" in line
+    rows = _table_after(md, "### 60 steps", "Each arm vs control:")
+    assert {r[2] for r in rows if r[1] == "test loss (primary)"} == {stats.PAIRED_T, stats.CROSSED}
+    # Seeds that are not the pre-registered ones: no decision.
+    md = report.write_report(recs, tmp_path, preregistration=_prereg((1, 2, 3, 4, 5)), n_boot=500)
+    assert "**incomplete** (the primary's seeds differ from the pre-registered [1, 2, 3, 4, 5] (missing [5]" in md
+    # A margin the data cannot meet: inconclusive, by the bootstrap when the pre-registration says so.
+    md = report.write_report(recs, tmp_path, preregistration=_prereg((1, 2, 3, 4), "crossed_bootstrap", 0.001),
+                             n_boot=500)
+    line = next(x for x in md.splitlines() if x.startswith("**Pre-registered primary**"))
+    assert "Deciding analysis: " in line and line.index("(crossed bootstrap)") < line.index("Beside it")
+
+
+def test_the_diverged_rule_and_the_answer_follow_the_preregistration(tmp_path):
+    from grit_study import headline
+
+    recs = _prereg_sweep(diverged_seed=2)
+    p = _prereg((1, 2, 3, 4))
+    md = report.write_report(recs, tmp_path, preregistration=p, n_boot=500)
+    assert "Diverged runs: base_loss (seeds [2])." in md
+    row = next(r for r in _table_after(md, "### 60 steps", "Per arm, mean ± sd over seeds (sd with n − 1):")
+               if r[0] == "grit")
+    assert row[2] == "4"  # none dropped: the diverged one counts as the base model's loss
+    rows = headline.answer_rows(recs, preregistration=p)
+    assert rows[0]["decision"]["label"] == stats.INCONCLUSIVE  # a loss of 2.0 at one seed widens the interval
+    answer = headline.headline_markdown(rows, image=None)
+    assert f"**{stats.INCONCLUSIVE}** (TOST)" in answer and "pre-registered as an equivalence test" in answer

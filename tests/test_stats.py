@@ -269,3 +269,217 @@ def test_compare_to_control_corrects_the_secondary_family_only():
     raw = [c.diff.p for c in family]
     assert [c.p_adjusted for c in family] == pytest.approx(list(stats.holm(raw).adjusted))
     assert by[("riemannian", "test_loss")].verdict.label == "better"
+
+
+# ----------------------------------------------------------------------------- crossed bootstrap (issue 21)
+
+def _prompt_runs(rng, seeds, n_prompts, shift=0.0, seed_noise=0.0):
+    """seed -> {id: (nll_sum, tokens)}: per prompt a difficulty shared by every run, tokens 1-12, a per-seed
+    offset of the mean NLL per token (the training seed's effect) and per-run noise."""
+    difficulty = rng.gamma(2.0, 0.5, size=n_prompts)
+    tokens = rng.integers(1, 13, size=n_prompts)
+    out = {}
+    for s in seeds:
+        offset = shift + seed_noise * rng.normal()
+        per_token = np.maximum(difficulty + offset + 0.05 * rng.normal(size=n_prompts), 0.01)
+        out[s] = {f"p{i}": (float(per_token[i] * tokens[i]), int(tokens[i])) for i in range(n_prompts)}
+    return out
+
+
+def test_crossed_bootstrap_equals_an_explicit_loop_over_the_same_draws():
+    """The same draws (prompts, then seeds, per resample) summed by index in a plain loop, independently of the
+    count-matrix products: every resample agrees, with and without strata, whatever the chunk size."""
+    rng = np.random.default_rng(4)
+    a, b = _prompt_runs(rng, (11, 12, 13, 14), 23, shift=0.1), _prompt_runs(rng, (11, 12, 13, 14, 99), 23)
+    strata = {f"p{i}": "xy"[i % 2] for i in range(23)}
+    for st in (None, strata):
+        c = stats.crossed_bootstrap(a, b, n_boot=700, rng_seed=9, strata=st, chunk=64)
+        seeds, ids = (11, 12, 13, 14), sorted(a[11])
+        groups = ([np.array([j for j, i in enumerate(ids) if strata[i] == f]) for f in ("x", "y")] if st
+                  else [np.arange(len(ids))])
+        draws = np.random.default_rng(9)
+        loop = []
+        for _ in range(700):
+            picked = np.concatenate([g[draws.integers(0, len(g), size=len(g))] for g in groups])
+            seed_picks = draws.integers(0, len(seeds), size=len(seeds))
+            diffs = []
+            for j in seed_picks:
+                s = seeds[j]
+                ma = sum(a[s][ids[i]][0] for i in picked) / sum(a[s][ids[i]][1] for i in picked)
+                mb = sum(b[s][ids[i]][0] for i in picked) / sum(b[s][ids[i]][1] for i in picked)
+                diffs.append(ma - mb)
+            loop.append(np.mean(diffs))
+        assert c.draws == pytest.approx(np.array(loop), rel=1e-12, abs=1e-14)
+        lo, hi = np.quantile(loop, [0.025, 0.975])
+        assert (c.lower, c.upper) == pytest.approx((lo, hi), rel=1e-12)
+        assert c.se == pytest.approx(np.std(loop, ddof=1), rel=1e-12)
+        assert c.seeds == seeds and c.n_prompts == 23 and c.stratified == (st is not None)
+    # The point estimate is the paired mean of the token-weighted test losses (what the paired t averages).
+    loss = lambda runs, s: sum(v for v, _ in runs[s].values()) / sum(t for _, t in runs[s].values())
+    d = stats.paired_difference({s: loss(a, s) for s in a}, {s: loss(b, s) for s in b})
+    assert c.mean == pytest.approx(d.mean, rel=1e-12)
+
+
+def test_crossed_bootstrap_variance_is_the_analytic_one_in_two_limits():
+    """(1) Prompt-free: every prompt of a run has the same loss, so d(s, I) = c_s for any I and only the seed
+    resampling acts: Var = (1/k) · (1/k) Σ (c_s - c̄)² (plug-in variance over k seeds). (2) Seed-free: every
+    seed identical, one token per prompt: the statistic is the mean of N resampled d_i, Var = σ̂²_d / N."""
+    k, n = 6, 40
+    c = np.array([0.3, -0.1, 0.25, 0.05, 0.4, -0.2])
+    a = {s: {f"p{i}": (1.0 + c[s], 1) for i in range(n)} for s in range(k)}
+    b = {s: {f"p{i}": (1.0, 1) for i in range(n)} for s in range(k)}
+    boot = stats.crossed_bootstrap(a, b, n_boot=40_000, rng_seed=2)
+    # Monte Carlo relative error of an sd from 40k resamples: about 0.4%; 2% is 5 of them.
+    assert boot.se == pytest.approx(math.sqrt(np.var(c) / k), rel=0.02)
+    d = np.random.default_rng(5).normal(0.0, 0.3, size=n)
+    a = {s: {f"p{i}": (1.0 + d[i], 1) for i in range(n)} for s in range(k)}
+    boot = stats.crossed_bootstrap(a, b, n_boot=40_000, rng_seed=3)
+    assert boot.se == pytest.approx(math.sqrt(np.var(d) / n), rel=0.02)
+    assert boot.mean == pytest.approx(d.mean(), abs=1e-12)
+
+
+def test_crossed_bootstrap_refuses_what_it_cannot_pair():
+    a = {0: {"x": (1.0, 2)}, 1: {"x": (1.0, 2)}}
+    with pytest.raises(ValueError, match=">= 2 seeds"):
+        stats.crossed_bootstrap(a, {0: {"x": (1.0, 2)}})
+    with pytest.raises(ValueError, match="different prompt set"):
+        stats.crossed_bootstrap(a, {0: {"x": (1.0, 2)}, 1: {"y": (1.0, 2)}})
+
+
+def test_per_prompt_lines_are_checked():
+    rows = [{"id": "a", "nll_sum": 3.5, "tokens": 7, "family": "f"}, {"id": "b", "nll_sum": 0.0, "tokens": 0}]
+    assert stats.parse_per_prompt(rows) == {"a": (3.5, 7), "b": (0.0, 0)}  # 0 tokens: a response cut away
+    assert stats.per_prompt_strata(rows) is None and stats.per_prompt_strata(rows[:1]) == {"a": "f"}
+    for bad, match in (({"id": "c", "nll_sum": 1.0}, "lacks \\['tokens'\\]"), ({"id": "c", "nll_sum": -1, "tokens": 2},
+                       "nll_sum"), ({"id": "c", "nll_sum": 1.0, "tokens": -1}, "tokens"),
+                       ({"id": "a", "nll_sum": 1.0, "tokens": 2}, "twice")):
+        with pytest.raises(ValueError, match=f"line 3.*{match}|{match}"):
+            stats.parse_per_prompt([*rows, bad], "per_prompt.jsonl")
+
+
+# ----------------------------------------------------------------------------- sd bound, TOST, power
+
+def test_sd_upper_bound_against_chi_square_tables_and_by_simulation():
+    # χ²_{0.05, 4} = 0.7107 and χ²_{0.05, 9} = 3.325 (tables): sqrt(4 / 0.7107) = 2.3724, sqrt(9 / 3.325) = 1.6452
+    assert stats.sd_upper_bound(1.0, 5) == pytest.approx(2.3724, abs=2e-4)
+    assert stats.sd_upper_bound(0.5, 10) == pytest.approx(0.5 * 1.6452, abs=2e-4)
+    x = np.random.default_rng(8).normal(0, 2.0, size=(40_000, 4))
+    bounds = np.array([stats.sd_upper_bound(s, 4) for s in x.std(axis=1, ddof=1)])
+    assert np.mean(bounds >= 2.0) == pytest.approx(0.95, abs=0.006)  # binomial se 0.0011
+    # The verdict's second MDE is the MDE at that bound.
+    d = stats.paired_difference({0: 1.0, 1: 1.2, 2: 0.9, 3: 1.05}, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0})
+    v = stats.verdict(d, "test_loss")
+    assert v.mde_upper == pytest.approx(stats.minimum_detectable_effect(stats.sd_upper_bound(d.sd, 4), 4).exact)
+    assert v.mde_upper > v.mde
+
+
+@pytest.mark.parametrize("ci90,ci95,metric,expected", [
+    ((-0.01, 0.02), (-0.015, 0.025), "test_loss", stats.EQUIVALENT),   # inside ±0.03, contains 0
+    ((-0.025, -0.005), (-0.028, -0.002), "test_loss", stats.EQUIVALENT),  # inside ±0.03, excludes 0: still equivalent
+    ((-0.06, -0.01), (-0.07, -0.001), "test_loss", "better"),       # reaches past -0.03, 95% below 0 (loss)
+    ((0.01, 0.06), (0.001, 0.07), "test_loss", "worse"),
+    ((0.01, 0.06), (0.001, 0.07), "exact_match", "better"),          # higher is better for exact match
+    ((-0.04, 0.02), (-0.05, 0.03), "test_loss", stats.INCONCLUSIVE),  # past the margin, 95% contains 0
+    ((-0.03, 0.01), (-0.035, 0.015), "test_loss", stats.INCONCLUSIVE),  # touching -margin is not inside
+])
+def test_tost_decision_every_branch(ci90, ci95, metric, expected):
+    assert stats.tost_decision(ci90, ci95, 0.03, metric) == expected
+
+
+def test_tost_paired_matches_two_one_sided_t_tests():
+    # d = (0.010, -0.004, 0.006, 0.002, 0.001): mean 0.003, squared deviations (49+49+9+1+4)e-6 = 112e-6,
+    # sd = sqrt(112e-6 / 4) = 0.0052915, se = 0.0023664, df 4.
+    a = {1: 1.010, 2: 0.996, 3: 1.006, 4: 1.002, 5: 1.001}
+    b = {s: 1.0 for s in a}
+    d = np.array([a[s] - b[s] for s in sorted(a)])
+    e = stats.tost_paired(a, b, margin=0.01, metric="test_loss")
+    assert e.mean == pytest.approx(0.003, abs=1e-12)
+    assert e.p_lower == pytest.approx(sps.ttest_1samp(d, -0.01, alternative="greater").pvalue, rel=1e-9)
+    assert e.p_upper == pytest.approx(sps.ttest_1samp(d, 0.01, alternative="less").pvalue, rel=1e-9)
+    ci90 = sps.ttest_1samp(d, 0.0).confidence_interval(0.90)
+    assert e.ci90 == pytest.approx((ci90.low, ci90.high), rel=1e-9)
+    # Hand: t_{0.95,4} = 2.1318 -> 0.003 ± 2.1318 · 0.0023664 = 0.003 ± 0.0050448 = [-0.002045, +0.008045],
+    # inside ±0.01.
+    assert e.ci90 == pytest.approx((-0.002045, 0.008045), abs=2e-6)
+    assert e.label == stats.EQUIVALENT and e.p < 0.05
+    # Equivalence at 5% is exactly the 90% interval inside the margin: at a margin just above the upper
+    # bound p_upper is just below 0.05.
+    tight = stats.tost_paired(a, b, margin=e.ci90[1] * 1.001, metric="test_loss")
+    assert tight.label == stats.EQUIVALENT and 0.045 < tight.p < 0.05
+    assert stats.tost_paired(a, b, margin=e.ci90[1] * 0.999, metric="test_loss").label == stats.INCONCLUSIVE
+
+
+def _mc_tost_power(n, sd, margin, delta, reps=200_000, seed=21):
+    x = np.random.default_rng(seed).normal(delta, sd, size=(reps, n))
+    mean, se = x.mean(axis=1), x.std(axis=1, ddof=1) / math.sqrt(n)
+    tc = sps.t.ppf(0.95, n - 1)
+    return float(np.mean((mean - tc * se > -margin) & (mean + tc * se < margin)))
+
+
+@pytest.mark.parametrize("n,sd,margin,delta", [(10, 0.02, 0.02, 0.0), (5, 1.0, 1.0, 0.0), (12, 0.03, 0.025, 0.005),
+                                               (3, 1.0, 2.0, 0.5)])
+def test_tost_power_against_monte_carlo(n, sd, margin, delta):
+    p = stats.tost_power(n, sd, margin, delta=delta)
+    # Monte Carlo se with 200k reps is at most 0.0011; 0.005 is over 4 of them.
+    assert p == pytest.approx(_mc_tost_power(n, sd, margin, delta), abs=0.005)
+
+
+def test_tost_sample_size_is_the_smallest_n_with_the_power():
+    n = stats.tost_sample_size(0.02, 0.02, power=0.8)
+    assert stats.tost_power(n, 0.02, 0.02) >= 0.8 > stats.tost_power(n - 1, 0.02, 0.02)
+    assert n == 11  # power 0.795 at n = 10 (checked by Monte Carlo in the test above)
+
+
+# ----------------------------------------------------------------------------- the family (issue 21)
+
+def test_untuned_arms_drift_and_the_sgd_pair_in_compare_to_control():
+    """Untuned arms and drift are descriptive (uncorrected 95%, no label, outside the family); grit_sgd is
+    also compared with control_sgd, inside the family; with a margin the primary carries its TOST."""
+    rng = np.random.default_rng(12)
+    recs = []
+    for arm, shift in (("control", 0.0), ("grit", 0.002), ("loraplus", 0.3), ("control_sgd", 0.1), ("grit_sgd", 0.2)):
+        for s in range(4):
+            recs.append(_rec(arm, 2e-4, s, 1.0, tier=2, test_loss=1.0 + shift + 0.01 * s + 0.003 * rng.normal(),
+                             exact_match=0.5 - shift + 0.01 * rng.normal(), retention_kl=0.1, drift=1.0 + shift))
+    comps = stats.compare_to_control(recs, bootstrap=False, tuned={"control", "grit", "control_sgd", "grit_sgd"},
+                                     pairs=[("grit_sgd", "control_sgd")], margin=0.02)
+    by = {(c.arm, c.reference, c.metric): c for c in comps}
+    family = [c for c in comps if c.role == "secondary"]
+    # grit {EM, KL} + control_sgd {loss, EM, KL} + grit_sgd {loss, EM, KL} vs control + the same 3 vs control_sgd
+    assert len(family) == 11 and all(c.diff.confidence == pytest.approx(1 - 0.05 / 11) for c in family)
+    assert [c.p_adjusted for c in family] == pytest.approx(list(stats.holm([c.diff.p for c in family]).adjusted))
+    for key in (("loraplus", "control", "test_loss"), ("grit", "control", "drift"), ("grit_sgd", "control_sgd", "drift")):
+        c = by[key]
+        assert c.role == "descriptive" and c.verdict is None and c.p_adjusted is None and c.diff.confidence == 0.95
+    pair = by[("grit_sgd", "control_sgd", "test_loss")]
+    a = {r["seed"]: r["test_loss"] for r in recs if r["arm"] == "grit_sgd"}
+    b = {r["seed"]: r["test_loss"] for r in recs if r["arm"] == "control_sgd"}
+    assert pair.diff.mean == pytest.approx(stats.paired_difference(a, b).mean) and pair.role == "secondary"
+    primary = by[("grit", "control", "test_loss")]
+    assert primary.role == "primary" and primary.equivalence is not None
+    g = {r["seed"]: r["test_loss"] for r in recs if r["arm"] == "grit"}
+    c0 = {r["seed"]: r["test_loss"] for r in recs if r["arm"] == "control"}
+    assert primary.equivalence == stats.tost_paired(g, c0, margin=0.02, metric="test_loss")
+    assert by[("grit", "control", "exact_match")].equivalence is None
+
+
+def test_t_and_bootstrap_that_disagree_are_both_relabelled():
+    """Seeds that agree closely and prompts that vary a lot: the t over 3 seeds is narrow and excludes 0, the
+    crossed bootstrap (which adds the prompts' sampling) does not; neither label is taken."""
+    rng = np.random.default_rng(3)
+    n = 40
+    per_prompt_gap = rng.normal(0.02, 0.3, size=n)
+    recs = []
+    for s in range(3):
+        base = rng.gamma(2.0, 0.5, size=n) + 1.0
+        for arm, gap in (("control", 0.0), ("grit", 1.0)):
+            nll = base + gap * per_prompt_gap + 0.0005 * s
+            rows = [{"id": f"p{i}", "nll_sum": float(nll[i]), "tokens": 1} for i in range(n)]
+            recs.append(_rec(arm, 2e-4, s, 1.0, tier=2, test_loss=float(nll.mean()), per_prompt=rows))
+    comps = stats.compare_to_control(recs, metrics=("test_loss",), n_boot=4000)
+    t_row, boot_row = comps
+    assert (t_row.method, boot_row.method) == (stats.PAIRED_T, stats.CROSSED)
+    assert t_row.diff.lower > 0 or t_row.diff.upper < 0  # the t excludes 0 ...
+    assert boot_row.diff.lower < 0 < boot_row.diff.upper  # ... the bootstrap does not
+    assert t_row.verdict.label == boot_row.verdict.label == stats.DISAGREE
+    assert "neither" in t_row.verdict.text and "disagree" in t_row.note and "disagree" in boot_row.note

@@ -89,22 +89,23 @@ def test_an_interrupted_sweep_resumes_with_only_what_is_left(tmp_path, capfd):
     from grit_study.files import PREDICTIONS_NAME, SUMMARY_NAME
 
     logdir, adapters = tmp_path / "logs", tmp_path / "adapters"
+    runs = logdir / "tiny"  # the preset's own folder under the log root
     first, second = "control/lr2e-04_seed3407_steps4", "grit/lr2e-04_seed3407_steps4"
     common = ["--preset", "tiny", "--logdir", str(logdir), "--adapters", str(adapters), "--tiers", "1",
               "--only", f"{first},{second}"]
     assert sweep.main([*common, "--max-runs", "1"]) == 0  # stopped after its first run
-    assert (logdir / first / SUMMARY_NAME).is_file() and not (logdir / second).exists()
-    done_at = (logdir / first / SUMMARY_NAME).stat().st_mtime_ns
+    assert (runs / first / SUMMARY_NAME).is_file() and not (runs / second).exists()
+    done_at = (runs / first / SUMMARY_NAME).stat().st_mtime_ns
     # A run killed half-way leaves a directory without a summary: it is not done, and starts again.
-    (logdir / second).mkdir(parents=True)
-    (logdir / second / "events.out.tfevents.partial").write_text("half")
+    (runs / second).mkdir(parents=True)
+    (runs / second / "events.out.tfevents.partial").write_text("half")
     capfd.readouterr()
     assert sweep.main(common) == 0
     out = capfd.readouterr().out
     assert f"running tier 1  grit" in out and "running tier 1  control" not in out
-    assert (logdir / first / SUMMARY_NAME).stat().st_mtime_ns == done_at
-    assert not (logdir / second / "events.out.tfevents.partial").exists()
-    summary = json.loads((logdir / second / SUMMARY_NAME).read_text())
+    assert (runs / first / SUMMARY_NAME).stat().st_mtime_ns == done_at
+    assert not (runs / second / "events.out.tfevents.partial").exists()
+    summary = json.loads((runs / second / SUMMARY_NAME).read_text())
     assert summary["sweep"]["tier"] == 1 and summary["steps"] == 4 and "test_loss" not in summary
     assert summary["retention_kl"] >= 0 and summary["drift"] > 0 and summary["arm_definition"]["name"] == "grit"
     # The same definition is done; the dry run lists both as done and trains nothing.
@@ -112,11 +113,176 @@ def test_an_interrupted_sweep_resumes_with_only_what_is_left(tmp_path, capfd):
     assert capfd.readouterr().out.count("done       tier 1") == 2
     # A tier-1 run reused as a tier-2 seed: its saved adapter is evaluated on the test split, not retrained.
     reused = sweep.PlannedRun(1, "control", 2e-4, sweep.BASE_SEED, 4, "full")
-    assert sweep.status(logdir, reused, "tiny") == "needs_test"
-    before = json.loads((logdir / first / SUMMARY_NAME).read_text())
+    assert sweep.status(runs, reused, "tiny") == "needs_test"
+    before = json.loads((runs / first / SUMMARY_NAME).read_text())
     assert sweep.main(["--one", json.dumps(asdict(reused)), "--evaluate-only", *common[:6]]) == 0
-    after = json.loads((logdir / first / SUMMARY_NAME).read_text())
+    after = json.loads((runs / first / SUMMARY_NAME).read_text())
     assert after["batch_hashes"] == before["batch_hashes"] and after["eval_loss"] == before["eval_loss"]
-    assert after["test_loss"] > 0 and after["final_split"] == "test" and sweep.status(logdir, reused, "tiny") == "done"
-    predictions = [json.loads(line) for line in (logdir / first / PREDICTIONS_NAME).read_text().splitlines()]
+    assert after["test_loss"] > 0 and after["final_split"] == "test" and sweep.status(runs, reused, "tiny") == "done"
+    predictions = [json.loads(line) for line in (runs / first / PREDICTIONS_NAME).read_text().splitlines()]
     assert len(predictions) == after["exact_match_n"] == len(after["test_predictions"]) > 0
+
+
+# ----------------------------------------------------------------------------- per-preset logs (issue 21)
+
+def _finished(root, preset, run, *, val=1.0, definition=None, summary_preset=None, sweep_record=True):
+    """A finished run's summary in ``<root>/<preset>/<run>``, as the sweep writes it (``definition``: the
+    recorded one, default the current definition under ``summary_preset`` or ``preset``)."""
+    import json
+
+    from grit_study.files import SUMMARY_NAME
+
+    name = summary_preset or preset
+    d = sweep.run_dir(sweep.preset_logdir(root, preset), run)
+    d.mkdir(parents=True)
+    summary = {"arm": run.arm, "preset": name, "learning_rate": run.learning_rate, "seed": run.seed,
+               "max_steps": run.steps, "eval_loss": {"0": 2.0, str(run.steps): val}}
+    if sweep_record:
+        summary["sweep"] = {"tier": run.tier, "definition": definition or sweep.definition(run, name)}
+    (d / SUMMARY_NAME).write_text(json.dumps(summary))
+    return d
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_two_presets_in_one_root_leave_each_other_alone(tmp_path, capfd):
+    """tiny's sweep beside smollm2-135m's runs: it reads, counts and plans only its own folder and its own
+    preset's records; a smollm2-135m run misplaced at a tiny run's path is stale (refused), never deleted."""
+    from grit_study.presets import resolve_preset
+
+    root = tmp_path / "sweep"
+    steps = resolve_preset("tiny").max_steps
+    grid = sweep.GRIDS["adamw"]
+    tiny = [sweep.PlannedRun(1, "control", lr, sweep.BASE_SEED, steps, "val") for lr in grid]
+    _finished(root, "tiny", tiny[0], val=1.2)
+    _finished(root, "tiny", tiny[2], val=1.1)
+    misplaced = _finished(root, "tiny", tiny[1], val=0.1, summary_preset="smollm2-135m")
+    other = [_finished(root, "smollm2-135m", sweep.PlannedRun(1, "control", lr, sweep.BASE_SEED, 60, "val"), val=v)
+             for lr, v in zip(grid, (1.3, 0.9, 1.0))]
+    before = _snapshot(root)
+
+    assert sorted(r["learning_rate"] for r in sweep.finished_records(root / "tiny", "tiny")) == [grid[0], grid[2]]
+    assert len(sweep.finished_records(root, "smollm2-135m")) == 3 + 1  # its own folder and the misplaced run
+    with pytest.raises(ValueError, match="several presets"):
+        sweep.finished_records(root)
+    states = {r.name: sweep.status(root / "tiny", r, "tiny") for r in tiny}
+    assert list(states.values()) == ["done", "stale", "done"]
+    assert all(sweep.status(root / "smollm2-135m", sweep.PlannedRun(1, "control", lr, sweep.BASE_SEED, 60, "val"),
+                            "smollm2-135m") == "done" for lr in grid)
+
+    capfd.readouterr()
+    common = ["--preset", "tiny", "--logdir", str(root), "--adapters", str(tmp_path / "adapters"), "--tiers", "1",
+              "--arms", "control"]
+    assert sweep.main([*common, "--dry-run"]) == 0
+    out = capfd.readouterr().out
+    assert f"logdir {root / 'tiny'}: 3 runs planned, 2 done, 1 to do" in out
+    assert "REFUSED" in out and f"{misplaced}: " in out and "difference(s)" in out
+    # Not a dry run: refused before anything is trained or deleted (--max-runs 0 keeps a broken check from training).
+    assert sweep.main([*common, "--max-runs", "0"]) == 2
+    with pytest.raises(sweep.SweepRefusal, match="never deletes"):
+        sweep.clear_interrupted(misplaced, tiny[1], "tiny")
+    assert _snapshot(root) == before
+    assert not (tmp_path / "adapters").exists()
+
+
+def test_an_interrupted_run_is_cleared_and_a_stale_one_is_not(tmp_path):
+    from grit_study.files import SUMMARY_NAME
+
+    run = sweep.PlannedRun(1, "control", 2e-4, sweep.BASE_SEED, 4, "val")
+    logdir = tmp_path / "tiny"
+    # The recorder writes its summary before the sweep adds its record last: without it, the run was interrupted.
+    d = _finished(tmp_path, "tiny", run, sweep_record=False)
+    assert sweep.status(logdir, run, "tiny") == "todo"
+    sweep.clear_interrupted(d, run, "tiny")
+    assert not d.exists()
+    # The same definition (a tier-1 run trained again because its adapter is not on disk) may be replaced.
+    d = _finished(tmp_path, "tiny", run)
+    sweep.clear_interrupted(d, run, "tiny")
+    assert not d.exists()
+    # Another definition: stale, refused, kept.
+    recorded = sweep.definition(run, "tiny")
+    recorded["preset"] = {**recorded["preset"], "lora_r": 99}
+    d = _finished(tmp_path, "tiny", run, definition=recorded)
+    assert sweep.status(logdir, run, "tiny") == "stale"
+    with pytest.raises(sweep.SweepRefusal, match="preset.lora_r: 99 -> "):
+        sweep.clear_interrupted(d, run, "tiny")
+    assert (d / SUMMARY_NAME).is_file()
+
+
+def test_runs_in_the_layout_before_per_preset_folders_are_refused(tmp_path, capfd):
+    root = tmp_path / "sweep"
+    run = sweep.PlannedRun(1, "control", 2e-4, sweep.BASE_SEED, 4, "val")
+    d = _finished(root, "tiny", run)
+    root.joinpath("control").mkdir()
+    d.rename(root / run.name)  # <root>/control/lr..: an arm folder directly under the root, no preset folder
+    before = _snapshot(root)
+    capfd.readouterr()
+    assert sweep.main(["--preset", "tiny", "--logdir", str(root), "--dry-run"]) == 2
+    out = capfd.readouterr().out
+    assert "layout before per-preset folders" in out and f"{root}/<its preset>/" in out
+    assert _snapshot(root) == before
+
+
+def test_a_later_preset_or_arm_field_at_its_default_stays_out_of_the_definition(monkeypatch):
+    """A field added to Preset or ArmSpec after the committed runs must not make them stale while it holds its
+    default; set to anything else, it is part of the definition."""
+    from dataclasses import asdict, dataclass
+
+    from grit_study.presets import Preset
+    from grit_study.registry import ArmSpec
+
+    run = sweep.PlannedRun(1, "grit", 2e-4, sweep.BASE_SEED, 4, "val")
+    base = sweep.definition(run, "tiny")
+    assert set(base["preset"]) == sweep.DEFINITION_PRESET_FIELDS  # e.g. no 'preregistration' (None by default)
+    assert set(base["arm"]) == sweep.DEFINITION_ARM_FIELDS
+
+    @dataclass(frozen=True)
+    class LaterPreset(Preset):
+        new_knob: int = 0
+        new_targets: tuple[str, ...] = ()
+
+    @dataclass(frozen=True)
+    class LaterArm(ArmSpec):
+        new_switch: bool = False
+
+    original_preset, original_arm = sweep._preset, sweep.arm_spec
+
+    def with_fields(knob=0, targets=(), switch=False):
+        monkeypatch.setattr(sweep, "_preset", lambda name, r: LaterPreset(
+            **asdict(original_preset(name, r)), new_knob=knob, new_targets=targets))
+        monkeypatch.setattr(sweep, "arm_spec", lambda arm: LaterArm(**asdict(original_arm(arm)), new_switch=switch))
+        return sweep.definition(run, "tiny")
+
+    assert with_fields() == base
+    changed = with_fields(knob=3, targets=("q_proj",), switch=True)
+    assert changed != base
+    assert changed["preset"]["new_knob"] == 3 and changed["preset"]["new_targets"] == ["q_proj"]
+    assert changed["arm"]["new_switch"] is True
+    # An original field keeps its place even at its default (the committed definitions hold it).
+    assert base["preset"]["save_steps"] == 0 and base["arm"]["loss_on_padding"] is False
+
+
+def test_per_prompt_losses_are_read_next_to_the_summary_and_checked(tmp_path):
+    """per_prompt.jsonl as grit_study.arms.final_evaluation writes it ({"id", "family", "nll_sum", "tokens"}): read
+    into the record; a file whose pooled loss is not the run's test loss stops the report, naming the file."""
+    import json
+
+    from grit_study import stats
+    from grit_study.files import SUMMARY_NAME
+
+    run = sweep.PlannedRun(2, "control", 2e-4, sweep.BASE_SEED, 4, "full")
+    d = _finished(tmp_path, "tiny", run)
+    summary = json.loads((d / SUMMARY_NAME).read_text())
+    lines = [{"id": "a", "family": "f", "nll_sum": 3.0, "tokens": 2}, {"id": "b", "family": "g", "nll_sum": 1.0,
+                                                                        "tokens": 2}]
+    (d / sweep.PER_PROMPT_NAME).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (d / SUMMARY_NAME).write_text(json.dumps({**summary, "test_loss": 1.0}))  # (3 + 1) / (2 + 2)
+    (rec,) = sweep.finished_records(tmp_path / "tiny", "tiny")
+    assert rec["per_prompt"] == lines
+    norm = stats.normalize_record(rec)
+    assert norm["per_prompt"] == {"a": (3.0, 2), "b": (1.0, 2)} and norm["per_prompt_strata"] == {"a": "f", "b": "g"}
+    (d / SUMMARY_NAME).write_text(json.dumps({**summary, "test_loss": 0.9}))
+    with pytest.raises(ValueError, match="per_prompt.jsonl: .* test loss is 0.9"):
+        sweep.finished_records(tmp_path / "tiny", "tiny")
