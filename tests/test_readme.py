@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 LOGS = ROOT / "tensorboard_logs"
-SWEEP_LOGS = LOGS / "sweep"
+# The preset whose committed sweep README answers from (the synthetic study, until the real-data run lands).
+SWEEP_PRESET = "smollm2-135m"
+SWEEP_LOGS = LOGS / "sweep" / SWEEP_PRESET
 SWEEP_FIGURES = "readme_files/sweep"  # the folder `--report` is given, as README and docs/ link it
 # The pages README points to; each one must exist and be linked from README.
 PAGES = ("verdict.md", "claims.md", "study.md", "cost.md", "colab-gpu.md", "library.md", "architecture.md",
@@ -92,17 +94,17 @@ def _expected(page: Path, text: str, out_dir: Path) -> str:
 
 def _sweep_preset() -> str:
     presets = {json.loads(f.read_text())["preset"] for f in SWEEP_LOGS.rglob("run_summary.json")}
-    assert len(presets) == 1, f"the committed sweep mixes presets: {presets}"
-    return presets.pop()
+    assert presets == {SWEEP_PRESET}, f"{SWEEP_LOGS} holds runs of presets {presets}"
+    return SWEEP_PRESET
 
 
 def test_readme_answer_is_what_the_headline_makes_of_the_sweep_logs(tmp_path):
     from grit_study.headline import ANSWER_MARKERS, write_headline
     from grit_study.main import block
 
-    md = write_headline(SWEEP_LOGS, tmp_path)
+    md = write_headline(SWEEP_LOGS, tmp_path, preset=SWEEP_PRESET)
     assert block(README, *ANSWER_MARKERS) == _expected(README, md, tmp_path), (
-        "README's answer differs from the committed logs: run `python -m grit_study.sweep --report readme_files/sweep`")
+        "README's answer differs from the committed logs: run `python -m grit_study.sweep --report readme_files/sweep --preset smollm2-135m`")
 
 
 def test_the_answer_is_the_verdicts_own_primary_row():
@@ -125,14 +127,14 @@ def test_docs_verdict_and_claims_are_what_the_sweep_report_makes_of_the_logs(tmp
     from grit_study.main import block
     from grit_study.sweep import CLAIMS_MARKERS, VERDICT_MARKERS, write_claims_report, write_verdict
 
-    verdict = write_verdict(SWEEP_LOGS, tmp_path)
+    verdict = write_verdict(SWEEP_LOGS, tmp_path, preset=SWEEP_PRESET)
     page = DOCS / "verdict.md"
     assert block(page, *VERDICT_MARKERS) == _expected(page, verdict, tmp_path), (
-        "docs/verdict.md differs from the committed logs: run `python -m grit_study.sweep --report readme_files/sweep`")
+        "docs/verdict.md differs from the committed logs: run `python -m grit_study.sweep --report readme_files/sweep --preset smollm2-135m`")
     claims = write_claims_report(SWEEP_LOGS, tmp_path, _sweep_preset())
     page = DOCS / "claims.md"
     assert block(page, *CLAIMS_MARKERS) == _expected(page, claims, tmp_path), (
-        "docs/claims.md differs from the committed logs: run `python -m grit_study.sweep --report readme_files/sweep`")
+        "docs/claims.md differs from the committed logs: run `python -m grit_study.sweep --report readme_files/sweep --preset smollm2-135m`")
 
 
 def test_docs_study_results_are_what_03_makes_of_the_top_level_runs():
