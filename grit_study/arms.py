@@ -187,15 +187,14 @@ GENERATION_BATCH = 64
 def retention_figures(res: ArmResult) -> dict[str, Any]:
     """Retention KL(base || tuned) on the fixed texts sampled once from the untuned 4-bit base, and the
     drift sum of ||s B A||_F (grit_study.retention); cheap enough for every run, tuning runs included. Each
-    text's summed KL and token count go into the run's ``per_prompt.jsonl`` (``"split": "retention"``)."""
-    from .files import PER_PROMPT_NAME
-    from .retention import retention_summary
+    text's summed KL and token count go into the run's ``retention_per_text.jsonl``."""
+    from .retention import PER_TEXT_NAME, retention_summary
 
     p = res.preset
     model_id = res.recorder.info["model_id"]
     return retention_summary(res.model, res.shared_tokenizer, model_id=model_id, template=p.template,
                              key_extra={"load_in_4bit": p.load_in_4bit, "compute_dtype": p.compute_dtype},
-                             batch_size=p.eval_batch_size, per_text_file=Path(res.run_dir) / PER_PROMPT_NAME)
+                             batch_size=p.eval_batch_size, per_text_file=Path(res.run_dir) / PER_TEXT_NAME)
 
 
 def final_evaluation(res: ArmResult, *, accuracy: bool | None = None) -> dict[str, Any]:
@@ -204,10 +203,9 @@ def final_evaluation(res: ArmResult, *, accuracy: bool | None = None) -> dict[st
     ``predictions.jsonl`` next to the summary), the base model's exact match (cached), retention KL and
     drift. Without a test split (test_size 0) the validation split stands in and the summary says so.
     Per prompt, the summed response NLL and its token count go into ``per_prompt.jsonl`` next to the summary
-    (``{"split", "id", "family", "nll_sum", "tokens"}``; Σ nll_sum / Σ tokens is the test loss), so runs can
-    be compared prompt by prompt."""
-    from .evaluate import accuracy as tuned_accuracy, base_accuracy_cached, response_nll, write_per_prompt
-    from .evaluate import write_predictions
+    (one ``{"id", "family", "nll_sum", "tokens"}`` per line; Σ nll_sum / Σ tokens is the test loss), so runs
+    can be compared prompt by prompt (grit_study.stats)."""
+    from .evaluate import accuracy as tuned_accuracy, base_accuracy_cached, response_nll, write_jsonl, write_predictions
     from .files import PER_PROMPT_NAME, PREDICTIONS_NAME
 
     p, data = res.preset, res.data
@@ -219,8 +217,8 @@ def final_evaluation(res: ArmResult, *, accuracy: bool | None = None) -> dict[st
     if tokens == 0:
         raise ValueError(f"final_evaluation: the {split} split holds no response tokens; check the data summary")
     loss = sum(s for s, _ in per_prompt) / tokens
-    write_per_prompt(Path(res.run_dir) / PER_PROMPT_NAME, split, [
-        {"id": r["id"], "family": r.get("family"), "nll_sum": s, "tokens": n} for r, (s, n) in zip(rows, per_prompt)])
+    write_jsonl(Path(res.run_dir) / PER_PROMPT_NAME, [{"id": r["id"], "family": r.get("family"), "nll_sum": s,
+                                                      "tokens": n} for r, (s, n) in zip(rows, per_prompt)])
     extra: dict[str, Any] = {"final_split": split, "test_loss": loss, "test_tokens": tokens}
     if accuracy is None:
         accuracy = p.data == "synthetic"
@@ -284,23 +282,23 @@ def reload_arm(preset: Preset, spec: ArmSpec, adapter_dir: str | Path, run_dir: 
 
 
 def export_figures(res: ArmResult) -> dict[str, Any]:
-    """Merge into the 16-bit base, convert to GGUF q8_0 (grit_study.export), and evaluate both on the
-    shared validation set: the figures that show what deployment costs in loss."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """Merge into the preset's 16-bit base (``preset.model_id``, for every arm: the baseline's
+    ``baseline_model_id`` is Unsloth's pre-quantized copy of the same weights, which cannot be merged into),
+    convert to GGUF q8_0 (grit_study.export), release the training model, and evaluate the merged model and
+    the GGUF on the shared validation set: the figures that show what deployment costs in loss.
+    ``eval_load`` says how the merged model was loaded ('cpu', '16bit', or 'offload' on a card too small)."""
     from . import export as ex
 
     p = res.preset
-    base_id = p.baseline_model_id if res.arm == "baseline" else p.model_id
-    result = ex.export_gguf(res.model, base_id, Path(res.trainer.args.output_dir) / "export", tokenizer=res.tokenizer,
+    out_dir = Path(res.trainer.args.output_dir if res.trainer is not None else res.run_dir) / "export"
+    result = ex.export_gguf(res.model, p.model_id, out_dir, tokenizer=res.shared_tokenizer or res.tokenizer,
                             template=p.template, outtype="q8_0", model_name=f"grit-study-{res.arm}")
     res.export_result = result
-    out: dict[str, Any] = {**result.summary(), "merged_dir": str(result.merged_dir)}
-    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir, dtype=torch.float32 if p.device == "cpu" else None,
-                                                  device_map={"": 0} if p.device == "cuda" else None)
-    out["eval_loss_merged"] = ex.eval_loss_hf(merged, res.data.val, p.eval_batch_size)["loss"]
-    del merged
+    out: dict[str, Any] = {**result.summary(), "merged_dir": str(result.merged_dir), "merged_base": p.model_id}
+    out["training_model_released"] = ex.release_training_model(res)
+    merged = ex.eval_merged_model(result.merged_dir, res.data.val, device=p.device, dtype=p.compute_dtype,
+                                  batch_size=p.eval_batch_size)
+    out["eval_loss_merged"], out["eval_load"] = merged["loss"], merged["load"]
     try:
         out["eval_loss_gguf"] = ex.eval_loss_gguf(result.gguf_path, res.data.val)["loss"]
     except ex.ExportError as e:  # llama-cpp-python missing: the GGUF exists, its loss is not measured
@@ -309,17 +307,21 @@ def export_figures(res: ArmResult) -> dict[str, Any]:
     return out
 
 
-def deploy(res: ArmResult) -> dict[str, Any]:
-    """Create an Ollama model from the exported GGUF and ask it one held-out prompt (if ollama exists)."""
+def deploy(res: ArmResult, *, install_ollama: bool | None = None) -> dict[str, Any]:
+    """Create an Ollama model from the exported GGUF and ask it one held-out prompt (grit_study.export.deploy_ollama):
+    starts ``ollama serve`` when none runs (and stops it after), installs Ollama first when ``install_ollama``
+    (None: only in Colab); without an ``ollama`` binary it prints the commands to run."""
     from . import export as ex
     from .data import merged_instruction
 
     if res.export_result is None:
         raise RuntimeError("deploy() needs the export: run arms.finish(res, export=True) first")
     prompt = merged_instruction(res.data.val_rows[0])
-    out = ex.deploy_ollama(res.export_result, f"grit-study-{res.arm}".replace("_", "-"), prompt)
+    out = ex.deploy_ollama(res.export_result, f"grit-study-{res.arm}".replace("_", "-"), prompt,
+                           install=install_ollama)
     if out.get("deployed"):
-        print(f"ollama answered {out['response']!r} (reference {res.data.val_rows[0]['output']!r})")
+        print(f"ollama answered {out['response']!r} (done_reason {out['done_reason']!r}; reference "
+              f"{res.data.val_rows[0]['output']!r})")
     return out
 
 

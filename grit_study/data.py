@@ -13,6 +13,12 @@ prompt is removed from train (and counted), so no held-out prompt is ever traine
 Label convention: ``labels[i] = -100`` on prompt tokens and on padding; response tokens and the
 appended EOS carry their token id. The prompt and the response are tokenized separately, exactly as
 at inference time, when the model sees the tokenized prompt and generates the response after it.
+
+Length: a row longer than ``max_seq_length`` keeps its whole prompt and loses the end of its response
+(EOS first); the share of response and EOS tokens kept is recorded per split. A row whose prompt alone
+fills ``max_seq_length`` is dropped and counted: cutting the prompt instead would train the model to
+answer a question it never saw whole, which inference never shows it. A preset's length is chosen so
+that this does not happen on its data (grit_study.presets).
 """
 
 from __future__ import annotations
@@ -30,6 +36,21 @@ from typing import Any, Iterable, Sequence
 from .synthetic import synthetic_rows
 
 logger = logging.getLogger(__name__)
+
+# 'repo:<path>' sources are files shipped in this checkout (the study runs from it), found wherever the
+# process was started.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Val and test of a file or hub source are each at most this share of its distinct prompts (the preset's sizes
+# are caps), so at least half of the prompts train, whatever the file's size. The synthetic rows are drawn for
+# their preset (num_examples) and keep its sizes exactly.
+MAX_HELD_OUT_SHARE = 0.25
+
+# A run may draw at most this many passes over its train split. Instruction tuning on a fixed set runs for
+# about 3 epochs (Stanford Alpaca: 3); past a few passes a few hundred rows are memorized and the held-out
+# loss rises, so optimizers compared there are ranked by how fast they overfit, not by how well they
+# optimize. 4 leaves the 200-step tier on the shipped sample (2.3 epochs) room.
+MAX_EPOCHS = 4.0
 
 IGNORE_INDEX = -100
 
@@ -118,6 +139,11 @@ def _raw_rows_from_file(path: Path) -> Iterable[tuple[str, Any]]:
             yield f"{path}:row {i + 1} (line {reader.line_num})", row
 
 
+def source_path(source: str) -> Path:
+    """The file of a file source: ``repo:<path>`` relative to the repository root, any other path as given."""
+    return REPO_ROOT / source[len("repo:"):] if source.startswith("repo:") else Path(source)
+
+
 def load_rows(source: str, *, num_examples: int = 0, data_seed: int = 0, on_bad_rows: str = "error"
               ) -> tuple[list[dict], int]:
     """Load Alpaca-format rows from ``source``; return (rows, number of bad rows skipped).
@@ -125,7 +151,7 @@ def load_rows(source: str, *, num_examples: int = 0, data_seed: int = 0, on_bad_
     Each row is ``{"id", "family", "instruction", "input", "output"}``: ``id`` is ``row_id`` (stable
     across processes), ``family`` the synthetic family, a file's optional ``family`` field, or None.
     ``source``: ``"synthetic"`` (``num_examples`` rows drawn with ``data_seed``), ``"hub:<dataset id>"``
-    (the only network access), or a file path.
+    (the only network access), a file path, or ``"repo:<path>"`` (a file of this checkout, ``source_path``).
     ``on_bad_rows``: ``"error"`` raises ``DataError`` naming the file and row; ``"skip"`` drops the
     row, counts it and logs the count. A file that is not UTF-8 text, or that gives no usable row (an empty
     file or array, a CSV header alone, every row skipped), raises ``DataError`` naming it either way.
@@ -142,7 +168,7 @@ def load_rows(source: str, *, num_examples: int = 0, data_seed: int = 0, on_bad_
         ds = load_dataset(dataset_id, split="train")
         raw = ((f"{dataset_id}:row {i}", r) for i, r in enumerate(ds))
     else:
-        path = Path(source)
+        path = source_path(source)
         if not path.is_file():
             raise DataError(f"data file {path} does not exist; pass 'synthetic', 'hub:<id>' or an existing "
                             ".json/.jsonl/.csv path")
@@ -205,15 +231,21 @@ def prompt_ids(prompt: str, tokenizer, template: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=(template == "alpaca"))["input_ids"]
 
 
-def tokenize_row(row: dict, tokenizer, template: str, max_seq_length: int) -> dict | None:
-    """``{"input_ids", "labels"}`` for one row, or None when truncation leaves no response token."""
+def _encode(row: dict, tokenizer, template: str, max_seq_length: int) -> tuple[dict | None, int]:
+    """(``tokenize_row``'s result, the row's response tokens before truncation, EOS included)."""
     p_ids = prompt_ids(format_prompt(row, tokenizer, template), tokenizer, template)
     r_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (p_ids + r_ids)[:max_seq_length]
     labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_seq_length]
     if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return {"input_ids": input_ids, "labels": labels}
+        return None, len(r_ids)
+    return {"input_ids": input_ids, "labels": labels}, len(r_ids)
+
+
+def tokenize_row(row: dict, tokenizer, template: str, max_seq_length: int) -> dict | None:
+    """``{"input_ids", "labels"}`` for one row, the response cut at ``max_seq_length``; None when the prompt
+    leaves no room for a response token."""
+    return _encode(row, tokenizer, template, max_seq_length)[0]
 
 
 # ----------------------------------------------------------------------------- split, fingerprint
@@ -254,6 +286,13 @@ def _quotas(total: int, capacity: dict[Any, int], what: str) -> dict[Any, int]:
             if not remaining:
                 break
     return quotas
+
+
+def held_out_sizes(distinct_prompts: int, val_size: int, test_size: int) -> tuple[int, int]:
+    """(val, test) prompts for a file or hub source of ``distinct_prompts``: the preset's sizes, each capped at
+    ``MAX_HELD_OUT_SHARE`` of the prompts."""
+    cap = int(distinct_prompts * MAX_HELD_OUT_SHARE)
+    return min(val_size, cap), min(test_size, cap)
 
 
 def split_by_prompt(prompts: Sequence[str], families: Sequence[str | None], *, val_size: int, test_size: int,
@@ -344,6 +383,19 @@ class StudyData:
     removed_overlap_test: int = 0
     distinct_prompts: int = 0
     synthetic: dict | None = None
+    # The preset's val / test sizes when held_out_sizes lowered them for this source, else None.
+    sizes_asked: dict | None = None
+    # Per split: {"rows", "response_tokens", "response_tokens_kept", "eos_kept"}, dropped rows included
+    # (every response token of a dropped row is lost).
+    token_counts: dict = field(default_factory=dict)
+    # Passes over the train split the run draws (steps x batch x accumulation / train rows; check_run_length).
+    epochs: float | None = None
+
+    def token_retention(self, split: str = "train") -> dict:
+        """The share of response tokens and of EOS tokens of ``split`` that ``max_seq_length`` kept."""
+        c = self.token_counts.get(split) or {"rows": 0, "response_tokens": 0, "response_tokens_kept": 0, "eos_kept": 0}
+        return {**c, "response_share": c["response_tokens_kept"] / c["response_tokens"] if c["response_tokens"] else None,
+                "eos_share": c["eos_kept"] / c["rows"] if c["rows"] else None}
 
     def summary(self) -> dict:
         out = {
@@ -357,6 +409,8 @@ class StudyData:
             "removed_overlap_val": self.removed_overlap_val, "removed_overlap_test": self.removed_overlap_test,
             "distinct_prompts": self.distinct_prompts,
             "val_families": _family_counts(self.val_rows), "test_families": _family_counts(self.test_rows),
+            "sizes_asked": self.sizes_asked, "epochs": self.epochs,
+            "token_retention": {name: self.token_retention(name) for name in ("train", "val", "test")},
         }
         if self.synthetic is not None:
             out["synthetic"] = self.synthetic
@@ -371,21 +425,38 @@ def build_study_data(tokenizer, *, source: str, template: str = "alpaca", max_se
     ``data_seed`` alone decides the synthetic rows and the split; the training seed must not be passed
     here (it changes only LoRA init and data order). The split is drawn on rendered prompts, before
     tokenization, so it depends neither on ``max_seq_length`` nor (for the Alpaca template) on the
-    tokenizer; afterwards rows whose response is truncated away are dropped and counted per split.
+    tokenizer; afterwards responses are cut at ``max_seq_length`` and rows whose prompt leaves no room for
+    a response token are dropped, both counted per split. A file or hub source gets at most
+    ``MAX_HELD_OUT_SHARE`` of its distinct prompts in val and in test (``held_out_sizes``).
     """
     rows, skipped = load_rows(source, num_examples=num_examples, data_seed=data_seed, on_bad_rows=on_bad_rows)
     prompts = [format_prompt(r, tokenizer, template) for r in rows]
+    sizes_asked = None
+    if source != "synthetic":
+        distinct = len(set(prompts))
+        fitted = held_out_sizes(distinct, val_size, test_size)
+        if fitted != (val_size, test_size):
+            logger.warning("%s has %d distinct prompts: val / test lowered from %d / %d to %d / %d prompts (at most "
+                           "%g of them each)", source, distinct, val_size, test_size, *fitted, MAX_HELD_OUT_SHARE)
+            sizes_asked = {"val": val_size, "test": test_size}
+            val_size, test_size = fitted
     split = split_by_prompt(prompts, [r["family"] for r in rows], val_size=val_size, test_size=test_size,
                             data_seed=data_seed)
     dropped: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}
 
     def encode(name: str, indices: list[int]) -> tuple[list[dict], list[dict]]:
         examples, kept_rows = [], []
+        c = counts[name] = {"rows": len(indices), "response_tokens": 0, "response_tokens_kept": 0, "eos_kept": 0}
         for i in indices:
-            ex = tokenize_row(rows[i], tokenizer, template, max_seq_length)
+            ex, full = _encode(rows[i], tokenizer, template, max_seq_length)
+            c["response_tokens"] += full
             if ex is None:
                 dropped[name] = dropped.get(name, 0) + 1
                 continue
+            kept = sum(label != IGNORE_INDEX for label in ex["labels"])
+            c["response_tokens_kept"] += kept
+            c["eos_kept"] += kept == full  # EOS is the response's last token: kept only with all of it
             examples.append(ex)
             kept_rows.append(rows[i])
         return examples, kept_rows
@@ -394,8 +465,8 @@ def build_study_data(tokenizer, *, source: str, template: str = "alpaca", max_se
     val, val_rows = encode("val", split.val)
     test, test_rows = encode("test", split.test)
     if dropped:
-        logger.warning("dropped example(s) whose response did not fit in max_seq_length=%d: %s", max_seq_length,
-                       dropped)
+        logger.warning("dropped example(s) whose prompt leaves no room for a response in max_seq_length=%d: %s",
+                       max_seq_length, dropped)
     removed = split.removed_overlap_val + split.removed_overlap_test
     if removed:
         logger.warning("removed %d training row(s) whose prompt is a val (%d) or test (%d) prompt", removed,
@@ -413,7 +484,29 @@ def build_study_data(tokenizer, *, source: str, template: str = "alpaca", max_se
         template=template, max_seq_length=max_seq_length, data_seed=data_seed, source=source,
         skipped_bad_rows=skipped, dropped_no_response=sum(dropped.values()), dropped_no_response_by_split=dropped,
         removed_overlap_val=split.removed_overlap_val, removed_overlap_test=split.removed_overlap_test,
-        distinct_prompts=split.distinct_prompts, synthetic=synthetic)
+        distinct_prompts=split.distinct_prompts, synthetic=synthetic, sizes_asked=sizes_asked, token_counts=counts)
+
+
+def check_run_length(data: StudyData, *, max_steps: int, sequences_per_step: int) -> float:
+    """The epochs (passes over ``data.train``) that ``max_steps`` optimizer steps of ``sequences_per_step``
+    sequences draw. Raises ``DataError``, before any training, when the train split holds fewer rows than one
+    step draws, or would be drawn more than ``MAX_EPOCHS`` times."""
+    n = len(data.train)
+    sizes = (f"{data.source or 'the data'}: the train split has {n} rows (val {len(data.val)}, test {len(data.test)} "
+             f"prompts; {data.distinct_prompts} distinct prompts in all)")
+    fixes = ["use a bigger file"]
+    if data.val or data.test:
+        fixes.append("lower the val / test sizes (GRIT_VAL_SIZE, GRIT_TEST_SIZE)")
+    if n < sequences_per_step:
+        raise DataError(f"{sizes}, fewer than the {sequences_per_step} sequences of one optimizer step "
+                        f"(per_device_train_batch_size x gradient_accumulation_steps): {', or '.join(fixes)}")
+    epochs = max_steps * sequences_per_step / n
+    if epochs > MAX_EPOCHS:
+        limit = int(MAX_EPOCHS * n // sequences_per_step)
+        fixes.insert(0, f"set MAX_STEPS <= {limit} (notebook parameter, or GRIT_MAX_STEPS)")
+        raise DataError(f"{sizes}; {max_steps} steps x {sequences_per_step} sequences would draw {epochs:.1f} epochs "
+                        f"of it, more than {MAX_EPOCHS:g} (past that the rows are memorized): {', or '.join(fixes)}")
+    return epochs
 
 
 def _trainer_rows(examples: Sequence[dict]) -> list[dict]:

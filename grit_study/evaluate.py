@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .data import IGNORE_INDEX, format_prompt, prompt_ids, response_token_count, row_id
+from .data import IGNORE_INDEX, format_prompt, prompt_ids, row_id
 
 # Positions whose logits are materialised at once by eval_loss (see there for the memory it bounds).
 EVAL_CHUNK_POSITIONS = 512
@@ -82,19 +82,56 @@ def response_hidden_states(model, input_ids, attention_mask, labels):
     return hidden[:, :-1][keep], targets[keep]
 
 
-def chunked_ce_sum(lm_head, hidden, targets, chunk_positions: int = EVAL_CHUNK_POSITIONS) -> float:
-    """Σ over positions of -log softmax(lm_head(hidden))[target], ``chunk_positions`` rows at a time,
-    with fp32 logits (as HF's loss upcasts them) and a float64 running sum."""
+def chunked_ce(lm_head, hidden, targets, chunk_positions: int = EVAL_CHUNK_POSITIONS):
+    """-log softmax(lm_head(hidden))[target] per position, ``(N,)`` float64, computed ``chunk_positions``
+    rows at a time with fp32 logits (as HF's loss upcasts them)."""
     import torch
     import torch.nn.functional as F
 
     if chunk_positions < 1:
         raise ValueError(f"chunk_positions must be >= 1, got {chunk_positions}")
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    out = torch.empty(hidden.shape[0], dtype=torch.float64, device=hidden.device)
     for s in range(0, hidden.shape[0], chunk_positions):
         logits = lm_head(hidden[s:s + chunk_positions]).float()       # (chunk, vocab)
-        total += F.cross_entropy(logits, targets[s:s + chunk_positions], reduction="sum").double()
-    return float(total)
+        out[s:s + chunk_positions] = F.cross_entropy(logits, targets[s:s + chunk_positions], reduction="none")
+    return out
+
+
+def response_nll(model, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8,
+                 chunk_positions: int = EVAL_CHUNK_POSITIONS) -> list[tuple[float, int]]:
+    """Per example, in the order of ``examples``: (Σ CE over its response tokens, their count).
+
+    Batches are formed in order of length, so a batch's rows are padded to about their own length (on the
+    Alpaca sample at 512 tokens, in-order batches of 8 would be half padding); an example's sum does not
+    depend on its batch (right padding, attention mask), up to float rounding.
+    """
+    import torch
+
+    from .data import PadCollator, scored_positions
+
+    collate = PadCollator(pad_token_id)
+    device = _device(model)
+    _, head = causal_lm_parts(model)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    with _eval_mode(model):
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            batch = collate([examples[i] for i in idx])
+            scored = scored_positions(batch["labels"])                # (B, L-1)
+            counts = scored.sum(dim=1).tolist()
+            if not any(counts):
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hidden, targets = response_hidden_states(model, batch["input_ids"], batch["attention_mask"],
+                                                     batch["labels"])
+            ce = chunked_ce(head, hidden, targets, chunk_positions)    # (N,), positions in row-major order
+            row = scored.nonzero()[:, 0].to(ce.device)                 # (N,): the batch row of each position
+            sums = torch.zeros(len(idx), dtype=torch.float64, device=ce.device).index_add_(0, row, ce).tolist()
+            for i, total, n in zip(idx, sums, counts):
+                out[i] = (total, int(n))
+            del hidden, targets, ce
+    return out
 
 
 def eval_loss(model, examples: Sequence[dict], pad_token_id: int, batch_size: int = 8,
@@ -102,31 +139,16 @@ def eval_loss(model, examples: Sequence[dict], pad_token_id: int, batch_size: in
     """Token-weighted CE over the response tokens of ``examples``: (sum of token CE / count, count).
 
     The model's body runs on a whole batch, but the logits are materialised only for response positions
-    and at most ``chunk_positions`` of them at a time (``chunked_ce_sum``). Peak memory of the logits is
+    and at most ``chunk_positions`` of them at a time (``chunked_ce``). Peak memory of the logits is
     therefore about chunk_positions x vocab x 4 bytes for the fp32 logits, plus as much again for
     cross-entropy's log-softmax and the lm_head output in the compute dtype: at llama3-8b's vocab
     (128,256) and the default 512 positions, 251 MiB per fp32 copy (~0.6 GiB in all), where letting the
     model compute its loss on a batch of 8 x 2,048 tokens materialises 7.8 GiB of fp32 logits alone.
-    Equals the model's own loss (``num_items_in_batch`` = token count) to float rounding.
+    Equals the model's own loss (``num_items_in_batch`` = token count) to float rounding. The per-example
+    sums behind it: ``response_nll``.
     """
-    from .data import PadCollator
-
-    collate = PadCollator(pad_token_id)
-    device = _device(model)
-    _, head = causal_lm_parts(model)
-    total, count = 0.0, 0
-    with _eval_mode(model):
-        for i in range(0, len(examples), batch_size):
-            batch = collate(list(examples[i:i + batch_size]))
-            n = response_token_count(batch["labels"])
-            if n == 0:
-                continue
-            batch = {k: v.to(device) for k, v in batch.items()}
-            hidden, targets = response_hidden_states(model, batch["input_ids"], batch["attention_mask"],
-                                                     batch["labels"])
-            total += chunked_ce_sum(head, hidden, targets, chunk_positions)
-            count += n
-            del hidden, targets
+    per_example = response_nll(model, examples, pad_token_id, batch_size, chunk_positions)
+    total, count = sum(s for s, _ in per_example), sum(n for _, n in per_example)
     if count == 0:
         raise ValueError("eval_loss: the examples hold no response tokens; check the labels (-100 everywhere?)")
     return total / count, count
@@ -211,16 +233,26 @@ def accuracy(model, tokenizer, rows: Sequence[dict], template: str, batch_size: 
     return score_predictions(outputs, rows)
 
 
-def write_predictions(path: str | os.PathLike, predictions: Sequence[dict]) -> Path:
-    """Write predictions (``score_predictions(...)["predictions"]``) as JSON lines, atomically."""
+def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> Path:
+    """Write ``records`` as JSON lines, atomically (predictions, per-prompt losses, per-text KL)."""
     from .files import atomic_write_text
 
-    return atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records ``write_jsonl`` wrote, in order."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_predictions(path: str | os.PathLike, predictions: Sequence[dict]) -> Path:
+    """Write predictions (``score_predictions(...)["predictions"]``) as JSON lines, atomically."""
+    return write_jsonl(path, predictions)
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     """The predictions ``write_predictions`` wrote, in order."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 @contextlib.contextmanager

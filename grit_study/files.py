@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 SUMMARY_NAME = "run_summary.json"      # one per run directory, written by grit_study.runs.RunRecorder
 PREDICTIONS_NAME = "predictions.jsonl"  # every test prediction of a final run
+PER_PROMPT_NAME = "per_prompt.jsonl"    # per final-evaluation prompt: {"id", "family", "nll_sum", "tokens"}
 
 
 class SummaryError(ValueError):

@@ -6,7 +6,8 @@
                                           # published scale), then 03 again (make ablations)
 
 Every notebook runs in its own kernel (Unsloth patches transformers on import, so the arms must not
-share a process) with the auto preset unless ``GRIT_PRESET`` says otherwise. 03 then writes the plots
+share a process) with the auto preset unless ``GRIT_PRESET`` says otherwise; on the CPU default
+(alpaca-smollm2) ``study`` runs fewer steps than the preset (``STUDY_OVERRIDES``). 03 then writes the plots
 and ``readme_files/results.md`` (ablations: every run of the log directory, into ``readme_files/ablations/``),
 and the results table is copied between the job's markers into its page of docs/: ``docs/study.md``
 (study) or ``docs/ablations.md`` (ablations, created on its first run).
@@ -27,6 +28,23 @@ COMPARE = "03_compare"
 
 # Which notebook runs each arm, and the arms of each job: both from the registry (grit_study.registry).
 STUDY_ARMS = ("baseline", "grit", "control")
+
+# `make study` on the CPU default must fit in 30 minutes on an idle 2-core machine; the preset's 60 steps (the
+# sweep's protocol) do not. Estimate for alpaca-smollm2 (max_seq_length 512):
+#   training: 9.6 s per step at 256 tokens per sequence, scaled to this sample's expected micro-batch width at
+#     512 (275 tokens, padded to the longer of 2 rows): 10.3 s; +20% because the Unsloth and GRIT arms' steps
+#     took 1.19-1.27x the control's in the committed synthetic runs: 12.4 s. 3 arms x 16 steps = 595 s.
+#   evaluation: 1.8 ms per padded token (the committed synthetic runs: 20 s per 11,040-token val pass), with
+#     batches sorted by length val is 23.6k tokens (43 s), test 39.7k (72 s). Per arm: start-up and 4-bit load
+#     45 s, val at steps 0 and 16 (eval_steps 20 > 16) 86 s, test 72 s, retention 5 s, export 20 s plus its
+#     merged-model and GGUF passes over val 2 x 43 s: 314 s; x 3 arms, +30 s to sample the retention texts once,
+#     +15 s for 03: 987 s.
+#   in all about 1,580 s (26 min); 20 steps would be 29 min, too close to the limit.
+# kfac_update_freq 4: GRIT's factors are first inverted at step 4, so 13 of the 16 steps are preconditioned (the
+# sweep's 60-step runs: 51 of 60 at 10). 16 x 8 sequences draw 0.18 epochs of the 694 training rows.
+# Given as GRIT_<FIELD> environment variables, inherited by every notebook's kernel; a variable the user has
+# set wins. Other presets (GRIT_PRESET=smollm2-135m, llama3-8b on CUDA) run their own fields.
+STUDY_OVERRIDES = {"alpaca-smollm2": {"max_steps": 16, "kfac_update_freq": 4}}
 
 
 def _jobs(names) -> list[tuple[str, str, dict]]:
@@ -123,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     from .presets import resolve_preset
 
     preset = resolve_preset().name
+    if args.job == "study":
+        for name, value in STUDY_OVERRIDES.get(preset, {}).items():
+            os.environ.setdefault(f"GRIT_{name.upper()}", str(value))
+        p = resolve_preset()
+        print(f"[study] preset {preset}: max_steps {p.max_steps}, kfac_update_freq {p.kfac_update_freq}", flush=True)
     notebook_dir = Path(args.notebook_dir)
     notebook_dir.mkdir(parents=True, exist_ok=True)
     common = {"LOGDIR": args.logdir}

@@ -1,7 +1,7 @@
 """Model and training presets: the one place every notebook, benchmark and test reads its settings.
 
     from grit_study import resolve_preset
-    p = resolve_preset()                      # auto: CUDA -> llama3-8b, else smollm2-135m
+    p = resolve_preset()                      # auto: CUDA -> llama3-8b, else alpaca-smollm2
     p = resolve_preset("tiny", max_steps=3)   # explicit parameters win over everything
 
 Precedence for every field: explicit parameter > ``GRIT_<FIELD>`` environment variable > preset
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LORA_TARGETS_LLAMA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The Alpaca-GPT4-style sample shipped with the checkout (data/alpaca-sample/README.md).
+ALPACA_SAMPLE = "repo:data/alpaca-sample/alpaca_en_demo.json"
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,15 @@ class Preset:
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
     data: str = field(
         default="hub:vicgalle/alpaca-gpt4",
-        metadata={"help": "Data source: 'hub:<dataset id>', 'synthetic', or a path to .json/.jsonl/.csv Alpaca rows. "
-                  "Only 'hub:' sources touch the network."})
+        metadata={"help": "Data source: 'hub:<dataset id>', 'synthetic', a path to .json/.jsonl/.csv Alpaca rows, or "
+                  "'repo:<path>' for a file shipped in this checkout (resolved against the repository root, not the "
+                  "working directory). Only 'hub:' sources touch the network."})
     num_examples: int = field(default=0, metadata={"help": "Rows drawn from the source before the split; 0 = all (synthetic: how many to generate)."})
-    val_size: int = field(default=200, metadata={"help": "Rows in the validation split (choosing hyperparameters; same rows, same order, every arm)."})
-    test_size: int = field(default=0, metadata={"help": "Rows in the test split (reported, never used to choose); 0 = no test split."})
+    val_size: int = field(default=200, metadata={"help": "Prompts in the validation split (choosing hyperparameters; same rows, "
+                                                      "same order, every arm). For a file or hub source a cap: at most "
+                                                      "a quarter of its distinct prompts (grit_study.data.held_out_sizes)."})
+    test_size: int = field(default=0, metadata={"help": "Prompts in the test split (reported, never used to choose); 0 = no test "
+                                                    "split. Capped like val_size."})
     template: str = field(default="alpaca", metadata={"help": "'alpaca' (the seed baseline's prompt) or 'chat' (the tokenizer's chat template)."})
     eval_steps: int = field(default=50, metadata={"help": "Evaluate on the validation split every this many steps."})
     logging_steps: int = field(default=1, metadata={"help": "Log train/loss every this many steps."})
@@ -78,6 +84,10 @@ class Preset:
         metadata={"help": "GRIT arms update and invert their factors every this many steps. It belongs to the run "
                   "length: the published 50 of 200 steps; a 60-step preset at 50 would precondition 11 steps."})
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per evaluation batch."})
+    preregistration: str | None = field(
+        default=None,
+        metadata={"help": "The pre-registration file GRIT runs of this preset require (a path in the repository); "
+                  "None = none needed."})
 
 
 # The seed protocol, verbatim: the only preset that runs on the hub model and data.
@@ -95,7 +105,8 @@ LLAMA3_8B = Preset(
     kfac_update_freq=50,
 )
 
-# CPU default. Budget (2-core machine, issue "Paired notebooks"): the study runs three arms plus
+# The synthetic study: the sweep's preset (tensorboard_logs/sweep/), selectable by name; the CPU default
+# until alpaca-smollm2. Budget (2-core machine, issue "Paired notebooks"): the study runs three arms plus
 # the compare notebook within 30 minutes. Measured with HF + PEFT on this machine: 4 micro-batches
 # of 2 sequences at 128 tokens cost about 6.4 s per optimizer step; synthetic rows are 60-90
 # tokens, so max_seq_length 128 never truncates them. 3 arms x 60 steps x ~6 s = 18 min of
@@ -154,7 +165,46 @@ TINY = Preset(
     kfac_update_freq=2,
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (LLAMA3_8B, SMOLLM2_135M, TINY)}
+# CPU default: SmolLM2-135M-Instruct tuned on an Alpaca-GPT4-style sample of 999 instructions shipped in
+# data/alpaca-sample/ (source, licence and sha256 in its README), in SmolLM2-Instruct's own chat template (ChatML
+# with its system line: the template the GGUF carries and llama.cpp / Ollama serve).
+# Splits (data seed 3407, split_by_prompt): test 200 and val 100 prompts of the 985 distinct ones, train the 694
+# rows whose prompt is neither (5 more repeat a held-out prompt); 60 steps x 8 sequences draw 0.69 epochs, the
+# 200-step tier 2.31.
+# max_seq_length, measured: the sample tokenized with the chat template (prompt + response + EOS; longest prompt
+# 204 tokens, median row 162), what each length keeps of the 151,125 response tokens (EOS included) and of the
+# 999 EOS tokens:
+#     length   256    320    384    448    512
+#     tokens   74.8%  86.3%  93.8%  97.6%  99.1%
+#     EOS      68.4%  77.8%  87.2%  94.8%  97.7%
+# Rule: the shortest length that keeps at least 95% of both, since a response cut before its EOS teaches the model
+# not to stop: 512. No prompt is too long for it (no row is dropped). Batches are padded to their longest row, so
+# 512 costs about 2% more per step than 448 (expected micro-batch width 275 against 270 tokens). Every run
+# summary records the shares kept per split (data.token_retention).
+ALPACA_SMOLLM2 = Preset(
+    name="alpaca-smollm2",
+    model_id="builtin:smollm2-135m",
+    baseline_model_id="builtin:smollm2-135m",
+    device="cpu",
+    compute_dtype="float32",
+    optim="adamw_torch_fused",
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=4,
+    warmup_steps=5,
+    max_steps=60,
+    learning_rate=2e-4,
+    max_seq_length=512,
+    template="chat",
+    data=ALPACA_SAMPLE,
+    val_size=100,
+    test_size=200,
+    eval_steps=20,
+    eval_batch_size=8,
+    kfac_update_freq=10,  # as smollm2-135m: 51 of 60 steps preconditioned
+    preregistration="docs/preregistration/alpaca-smollm2.json",
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (LLAMA3_8B, SMOLLM2_135M, ALPACA_SMOLLM2, TINY)}
 
 
 def cuda_available() -> bool:
@@ -166,7 +216,7 @@ def cuda_available() -> bool:
 
 
 def auto_preset_name() -> str:
-    return "llama3-8b" if cuda_available() else "smollm2-135m"
+    return "llama3-8b" if cuda_available() else "alpaca-smollm2"
 
 
 def _parse_env(name: str, raw: str, current: Any) -> Any:

@@ -29,6 +29,9 @@ from typing import Any, Sequence
 from .data import IGNORE_INDEX, format_prompt, prompt_ids
 from .evaluate import _device, _eval_mode, base_model_view, causal_lm_parts, response_hidden_states
 
+# Per run: each retention text's summed KL and token count, next to run_summary.json (retention_summary).
+PER_TEXT_NAME = "retention_per_text.jsonl"
+
 # Bumped whenever what build_retention_set samples for a given key changes.
 RETENTION_VERSION = 1
 DEFAULT_NUM_TOKENS = 32
@@ -170,7 +173,8 @@ def build_retention_set(model, tokenizer, *, model_id: str, template: str = "alp
 
 
 def retention_kl(model, rset: RetentionSet, *, batch_size: int = 8, chunk_positions: int = 128) -> dict[str, Any]:
-    """KL(base || tuned) averaged over the scored tokens of ``rset``: ``{"kl", "tokens", "fingerprint"}``.
+    """KL(base || tuned) averaged over the scored tokens of ``rset``: ``{"kl", "tokens", "fingerprint",
+    "per_text"}``, ``per_text`` one ``{"kl_sum", "tokens"}`` per text of the set, in its order.
 
     Scored positions are those whose next token is a sampled non-EOS token. The base side is the same
     model inside ``disable_adapter()``. Logits are formed ``chunk_positions`` at a time and the
@@ -180,8 +184,8 @@ def retention_kl(model, rset: RetentionSet, *, batch_size: int = 8, chunk_positi
 
     _, head = causal_lm_parts(model)
     device = _device(model)
-    total = torch.zeros((), dtype=torch.float64)
-    tokens = 0
+    per_text = torch.zeros(len(rset.prompt_ids), dtype=torch.float64)
+    counts = [0] * len(rset.prompt_ids)
     pairs = list(zip(rset.prompt_ids, rset.continuation_ids))
     with _eval_mode(model):
         for b in range(0, len(pairs), batch_size):
@@ -199,16 +203,22 @@ def retention_kl(model, rset: RetentionSet, *, batch_size: int = 8, chunk_positi
             tuned_h, _ = response_hidden_states(model, ids, mask, labels)   # (N, H)
             with base_model_view(model):
                 base_h, _ = response_hidden_states(model, ids, mask, labels)
+            # The text of each scored position (row-major, as response_hidden_states selects them).
+            text = (labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0].cpu() + b   # (N,)
             for s in range(0, tuned_h.shape[0], chunk_positions):
                 log_q = torch.log_softmax(head(tuned_h[s:s + chunk_positions]).double(), dim=-1)  # (c, V)
                 with base_model_view(model):
                     log_p = torch.log_softmax(head(base_h[s:s + chunk_positions]).double(), dim=-1)
-                total += (log_p.exp() * (log_p - log_q)).sum().cpu()
-            tokens += tuned_h.shape[0]
+                kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).cpu()                            # (c,)
+                per_text.index_add_(0, text[s:s + chunk_positions], kl)
+            for j in text.tolist():
+                counts[j] += 1
+    tokens = sum(counts)
     if tokens == 0:
         raise ValueError("retention_kl: the retention set has no scored tokens (every continuation is EOS at once); "
                          "sample more tokens or another seed")
-    return {"kl": float(total) / tokens, "tokens": tokens, "fingerprint": rset.fingerprint}
+    return {"kl": float(per_text.sum()) / tokens, "tokens": tokens, "fingerprint": rset.fingerprint,
+            "per_text": [{"kl_sum": float(k), "tokens": n} for k, n in zip(per_text.tolist(), counts)]}
 
 
 def lora_drift(model, adapter_name: str | None = None) -> dict[str, Any]:
@@ -250,12 +260,19 @@ def lora_drift(model, adapter_name: str | None = None) -> dict[str, Any]:
 
 def retention_summary(model, tokenizer, *, model_id: str, template: str = "alpaca",
                       num_tokens: int = DEFAULT_NUM_TOKENS, seed: int = DEFAULT_SEED,
-                      key_extra: dict[str, Any] | None = None, batch_size: int = 8) -> dict[str, Any]:
+                      key_extra: dict[str, Any] | None = None, batch_size: int = 8,
+                      per_text_file: str | Path | None = None) -> dict[str, Any]:
     """Everything retention adds to ``run_summary.json``: ``{"retention_kl", "retention_tokens",
-    "retention_set": RetentionSet.summary(), "drift", "drift_modules"}``."""
+    "retention_set": RetentionSet.summary(), "drift", "drift_modules"}``. With ``per_text_file`` (JSON lines,
+    ``PER_TEXT_NAME`` in a run directory), one ``{"index", "kl_sum", "tokens"}`` per text of the set, in its
+    order: Σ kl_sum / Σ tokens is ``retention_kl``."""
+    from .evaluate import write_jsonl
+
     rset = build_retention_set(model, tokenizer, model_id=model_id, template=template, num_tokens=num_tokens,
                                seed=seed, key_extra=key_extra)
     kl = retention_kl(model, rset, batch_size=batch_size)
+    if per_text_file is not None:
+        write_jsonl(per_text_file, [{"index": i, **t} for i, t in enumerate(kl["per_text"])])
     drift = lora_drift(model)
     return {"retention_kl": kl["kl"], "retention_tokens": kl["tokens"], "retention_set": rset.summary(),
             "drift": drift["drift"], "drift_modules": drift["modules"]}

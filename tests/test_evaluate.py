@@ -144,3 +144,61 @@ def test_accuracy_returns_one_scored_prediction_per_row(peft_model, data, tok):
     assert [(p["id"], p["family"], p["reference"]) for p in got["predictions"]] == \
         [(r["id"], r["family"], r["output"]) for r in rows]
     assert got["n"] == 6 and sum(v["n"] for v in got["per_family"].values()) == 6
+
+
+@pytest.mark.slow
+def test_final_evaluation_saves_per_prompt_sums_that_add_up_to_an_independent_loss(tmp_path, monkeypatch):
+    """Per test prompt the saved NLL sum and token count; Σ sums / Σ counts equals the mean response CE of a
+    forward pass computed here (the model's logits, torch's cross_entropy), per prompt too; per retention text
+    its KL sum, adding up to the summary's retention KL."""
+    import torch.nn.functional as F
+
+    from grit_study import arms
+    from grit_study.evaluate import read_jsonl
+    from grit_study.files import PER_PROMPT_NAME, SUMMARY_NAME
+    from grit_study.retention import GENERIC_PROMPTS, PER_TEXT_NAME
+    from grit_study.runs import SummaryFile
+    from grit_study.stats import parse_per_prompt
+
+    preset = resolve_preset("tiny")
+    tok = load_tokenizer(preset.model_id)
+    data = arms.study_data(preset, tok)
+    model = load_peft_model(preset)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # adapters that count
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    monkeypatch.setenv("GRIT_CACHE_DIR", str(tmp_path / "cache"))  # the retention texts, sampled fresh
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / SUMMARY_NAME).write_text(json.dumps({"model_id": preset.model_id}))
+    res = arms.ArmResult("control", preset, model, tok, None, SummaryFile(run_dir), data, run_dir,
+                         shared_tokenizer=tok)
+    summary = arms.final_evaluation(res, accuracy=False)
+
+    lines = read_jsonl(run_dir / PER_PROMPT_NAME)
+    assert [r["id"] for r in lines] == [r["id"] for r in data.test_rows]
+    assert len(parse_per_prompt(lines)) == len(lines)  # the format the sweep's statistics read
+    expected_sums, expected_counts = [], []
+    model.eval()
+    with torch.no_grad():
+        for ex in data.test:
+            logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0].double()   # (L, V)
+            labels = torch.tensor(ex["labels"][1:])                                        # the next tokens
+            expected_sums.append(float(F.cross_entropy(logits[:-1], labels, ignore_index=-100, reduction="sum")))
+            expected_counts.append(int((labels != -100).sum()))
+    assert [r["tokens"] for r in lines] == expected_counts
+    assert [r["nll_sum"] for r in lines] == pytest.approx(expected_sums, rel=1e-5)
+    mean = sum(r["nll_sum"] for r in lines) / sum(r["tokens"] for r in lines)
+    assert mean == pytest.approx(sum(expected_sums) / sum(expected_counts), rel=1e-6)
+    assert summary["test_loss"] == pytest.approx(mean, rel=1e-12) and summary["test_tokens"] == sum(expected_counts)
+
+    texts = read_jsonl(run_dir / PER_TEXT_NAME)
+    assert [t["index"] for t in texts] == list(range(len(GENERIC_PROMPTS)))
+    assert sum(t["tokens"] for t in texts) == summary["retention_tokens"]
+    kl = sum(t["kl_sum"] for t in texts) / summary["retention_tokens"]
+    assert summary["retention_kl"] > 0 and kl == pytest.approx(summary["retention_kl"], rel=1e-9)
+    # Written again (a re-evaluation): replaced, not appended.
+    arms.final_evaluation(res, accuracy=False)
+    assert read_jsonl(run_dir / PER_PROMPT_NAME) == lines and read_jsonl(run_dir / PER_TEXT_NAME) == texts

@@ -1,10 +1,15 @@
-"""Preset selection and precedence: explicit parameter > GRIT_* environment variable > preset default."""
+"""Preset selection and precedence: explicit parameter > GRIT_* environment variable > preset default; the
+shipped Alpaca-GPT4-style sample behind the CPU default."""
 
+import dataclasses
+import hashlib
 
 import pytest
 
 from grit_study import presets
 from grit_study.presets import PRESETS, resolve_preset
+
+SAMPLE_SHA256 = "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318"
 
 
 def test_seed_protocol_is_exact():
@@ -18,10 +23,11 @@ def test_seed_protocol_is_exact():
 
 
 def test_cpu_presets_never_name_the_hub():
-    for name in ("smollm2-135m", "tiny"):
+    for name in ("smollm2-135m", "alpaca-smollm2", "tiny"):
         p = PRESETS[name]
-        assert p.device == "cpu" and p.compute_dtype == "float32" and p.data == "synthetic"
+        assert p.device == "cpu" and p.compute_dtype == "float32" and not p.data.startswith("hub:")
         assert p.model_id.startswith("builtin:")
+    assert PRESETS["smollm2-135m"].data == PRESETS["tiny"].data == "synthetic"
     assert PRESETS["tiny"].lora_alpha != PRESETS["tiny"].lora_r  # s != 1 in every test
 
 
@@ -30,7 +36,7 @@ def test_auto_selection(monkeypatch):
     monkeypatch.setattr(presets, "cuda_available", lambda: True)
     assert resolve_preset().name == "llama3-8b"
     monkeypatch.setattr(presets, "cuda_available", lambda: False)
-    assert resolve_preset().name == "smollm2-135m"
+    assert resolve_preset().name == "alpaca-smollm2"
     monkeypatch.setenv("GRIT_PRESET", "tiny")
     assert resolve_preset().name == "tiny"
     assert resolve_preset("smollm2-135m").name == "smollm2-135m"
@@ -64,3 +70,45 @@ def test_bad_values_are_named(monkeypatch):
         resolve_preset("tiny", max_steps=0)
 
 
+
+
+def test_the_shipped_sample_is_the_documented_file_found_from_any_directory(tmp_path, monkeypatch):
+    from grit_study.data import REPO_ROOT, source_path
+
+    p = PRESETS["alpaca-smollm2"]
+    assert p.data == "repo:data/alpaca-sample/alpaca_en_demo.json"
+    monkeypatch.chdir(tmp_path)  # resolved against the repository, not the working directory
+    path = source_path(p.data)
+    assert path == REPO_ROOT / "data" / "alpaca-sample" / "alpaca_en_demo.json" and path.is_file()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SAMPLE_SHA256
+    readme = (path.parent / "README.md").read_text(encoding="utf-8")
+    assert SAMPLE_SHA256 in readme and "Alpaca-GPT4-style sample" in readme
+    assert "hiyouga/LLaMA-Factory" in readme and "CC BY-NC 4.0" in readme
+
+
+def test_alpaca_preset_fields():
+    p = PRESETS["alpaca-smollm2"]
+    assert (p.model_id, p.baseline_model_id) == ("builtin:smollm2-135m",) * 2
+    assert (p.template, p.max_seq_length, p.val_size, p.test_size, p.max_steps) == ("chat", 512, 100, 200, 60)
+    assert p.kfac_update_freq < p.max_steps  # GRIT preconditions within the run
+    assert p.preregistration == "docs/preregistration/alpaca-smollm2.json"
+
+
+def test_new_fields_are_neutral_on_the_presets_that_existed_before_them():
+    # The sweep's run definition omits a field that holds its default: a new field must not move old runs.
+    defaults = {f.name: f.default for f in dataclasses.fields(presets.Preset)}
+    assert defaults["preregistration"] is None
+    for name in ("llama3-8b", "smollm2-135m", "tiny"):
+        assert PRESETS[name].preregistration is None
+
+
+@pytest.mark.slow
+def test_the_chat_template_is_smollm2_instructs_own():
+    from grit_study.data import format_prompt
+    from grit_study.models import load_tokenizer
+
+    tok = load_tokenizer(PRESETS["alpaca-smollm2"].model_id)
+    assert tok.eos_token == "<|im_end|>"
+    assert format_prompt({"instruction": "Hi", "input": ""}, tok, "chat") == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")

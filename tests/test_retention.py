@@ -142,6 +142,23 @@ def test_kl_equals_an_independent_float64_computation(tuned, tok, rset):
     assert with_eos != pytest.approx(want, rel=1e-4)
 
 
+def test_per_text_kl_sums_are_each_texts_independent_kl(tuned, tok, rset):
+    eos = tok.eos_token_id
+    got = retention_kl(tuned, rset, batch_size=3, chunk_positions=5)
+    want = []
+    for p, c in zip(rset.prompt_ids, rset.continuation_ids):  # one text at a time, through independent_kl
+        if all(t == eos for t in c):  # EOS at once: nothing scored
+            want.append((0.0, 0))
+            continue
+        one = copy.deepcopy(rset)
+        one.prompt_ids, one.continuation_ids = [p], [c]
+        kl, n = independent_kl(tuned, one, eos)
+        want.append((kl * n, n))
+    assert [t["tokens"] for t in got["per_text"]] == [n for _, n in want]
+    assert [t["kl_sum"] for t in got["per_text"]] == pytest.approx([k for k, _ in want], rel=1e-8)
+    assert sum(t["kl_sum"] for t in got["per_text"]) / got["tokens"] == pytest.approx(got["kl"], rel=1e-12)
+
+
 def test_eos_is_never_scored(tuned, tok, rset):
     # Append EOS to a text that ran to T: one more position, predicting EOS; nothing scored may change.
     i = next(k for k, c in enumerate(rset.continuation_ids) if c[-1] != tok.eos_token_id)

@@ -167,7 +167,7 @@ def test_grit_full_is_grit_plus_reprojection_at_the_preset_frequency():
 
     # The published 50 of 200 steps, scaled to each preset's run length; the grit arm's config is untouched
     # (GRITConfig's default), so adding grit_full changed no other arm's recorded definition.
-    expected = {"tiny": 1, "smollm2-135m": 15, "llama3-8b": 50}
+    expected = {"tiny": 1, "smollm2-135m": 15, "alpaca-smollm2": 15, "llama3-8b": 50}
     for name, preset in PRESETS.items():  # the presets as defined, without the environment's overrides
         full, grit = grit_config(preset, get_arm("grit_full")).to_dict(), grit_config(preset, get_arm("grit")).to_dict()
         assert full["enable_reprojection"] and full["enable_rank_adaptation"]
