@@ -14,20 +14,36 @@ formatter's text (``grit_study.data.format_prompt``) for one user turn: the merg
 ``chat_template`` (Jinja, copied into the GGUF metadata by the converter), and the Modelfile's
 ``TEMPLATE`` (Go template, Ollama) with its ``SYSTEM`` line. ``PARAMETER stop`` holds the EOS
 token(s): without them Ollama generates past the end of the answer.
+
+Evaluating the merged model (``release_training_model`` then ``eval_merged_model``): the training model is
+released first, and a merged model too large for the card (Llama-3-8B's 15 GiB on a 16 GiB card) is
+offloaded in part to CPU memory instead of being loaded whole onto the GPU.
+
+Deployment (``deploy_ollama``): installs Ollama with its official script where asked (by default in Colab),
+starts ``ollama serve`` when no server answers and stops it afterwards, creates the model, asks it one
+prompt through the HTTP API and checks that generation stopped at the template's stop token.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
+import http.client
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,30 +255,264 @@ def _check_gguf(path: Path, chat_template: str, eos_token_id: int) -> None:
                           f"expected the training template and EOS id {eos_token_id}")
 
 
+# ----------------------------------------------------------------------------- Ollama
+
+OLLAMA_INSTALL = "curl -fsSL https://ollama.com/install.sh | sh"  # Ollama's official Linux install
+OLLAMA_DEFAULT_HOST = "127.0.0.1:11434"
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def ollama_url() -> str:
+    """The server's base URL from ``OLLAMA_HOST`` as Ollama reads it ('host', 'host:port' or a URL; 0.0.0.0
+    means this machine), else http://127.0.0.1:11434. The ``ollama`` CLI honours the same variable."""
+    raw = os.environ.get("OLLAMA_HOST", "").strip() or OLLAMA_DEFAULT_HOST
+    parts = urllib.parse.urlsplit(raw if "://" in raw else "http://" + raw)
+    host = parts.hostname if parts.hostname not in (None, "", "0.0.0.0") else "127.0.0.1"
+    return f"{parts.scheme}://{host}:{parts.port or 11434}"
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is ours: never via a proxy
+
+
+def ollama_api(url: str, path: str, body: dict | None = None, timeout_s: float = 5) -> dict:
+    """One request to the Ollama HTTP API (GET without ``body``, else POST as JSON); the decoded JSON reply."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    with _DIRECT.open(request, timeout=timeout_s) as reply:
+        return json.loads(reply.read())
+
+
+def ollama_server_up(url: str) -> bool:
+    try:
+        ollama_api(url, "/api/tags", timeout_s=2)
+        return True
+    except (OSError, ValueError, http.client.HTTPException):  # refused, timeout, HTTP error, not JSON
+        return False
+
+
+def install_ollama(timeout_s: float = 1800) -> str:
+    """Run Ollama's official install script; the path of the ``ollama`` binary it put on PATH."""
+    print(f"Installing Ollama: {OLLAMA_INSTALL}")
+    proc = subprocess.run(["sh", "-c", OLLAMA_INSTALL], capture_output=True, text=True, timeout=timeout_s)
+    binary = shutil.which("ollama")
+    if proc.returncode != 0 or binary is None:
+        tail = "\n".join((proc.stderr + proc.stdout).strip().splitlines()[-15:])
+        raise ExportError(f"`{OLLAMA_INSTALL}` failed (exit {proc.returncode}"
+                          f"{', and no ollama on PATH after it' if binary is None else ''}):\n{tail}\n"
+                          "Check the network, or install Ollama by hand (https://ollama.com/download).")
+    return binary
+
+
+def start_ollama_server(binary: str, url: str, log_path: Path, timeout_s: float = 60) -> subprocess.Popen:
+    """``ollama serve`` in the background (its own process group, output to ``log_path``), once it answers."""
+    print(f"Starting `ollama serve` for {url} (log: {log_path})")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([binary, "serve"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while not ollama_server_up(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            problem = (f"exited with code {proc.returncode}" if proc.poll() is not None
+                       else f"did not answer at {url} within {timeout_s:.0f} s")
+            stop_ollama_server(proc)
+            tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-15:])
+            raise ExportError(f"`ollama serve` {problem}:\n{tail}\nIs another program using the port? "
+                              "Set OLLAMA_HOST to a free host:port, or start `ollama serve` yourself.")
+        time.sleep(0.2)
+    return proc
+
+
+def stop_ollama_server(proc: subprocess.Popen, timeout_s: float = 15) -> None:
+    """Stop a server that ``start_ollama_server`` started, with the model runners it spawned (its process group)."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=timeout_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue  # then SIGKILL
+    proc.wait()
+    print("Stopped the `ollama serve` this deployment started.")
+
+
 def ollama_commands(result: ExportResult, name: str, test_prompt: str) -> list[list[str]]:
     return [["ollama", "create", name, "-f", str(result.modelfile_path)], ["ollama", "run", name, test_prompt]]
 
 
-def deploy_ollama(result: ExportResult, name: str, test_prompt: str, *, num_predict: int = 64) -> dict:
-    """``ollama create`` + one prompt through the ``ollama`` client when an ``ollama`` binary is on PATH;
-    otherwise print the exact commands and return ``{"deployed": False, ...}``."""
+def deploy_ollama(result: ExportResult, name: str, test_prompt: str, *, install: bool | None = None,
+                  num_predict: int = 256, server_timeout_s: float = 60, generate_timeout_s: float = 900) -> dict:
+    """Create the Ollama model ``name`` from the export and ask it ``test_prompt``; returns a report dict.
+
+    No ``ollama`` binary on PATH: installed with Ollama's script when ``install`` (None: only in Colab), else
+    the commands to run are printed and ``{"deployed": False, ...}`` is returned. No server answering at
+    ``ollama_url()``: ``ollama serve`` is started and stopped at the end; a server already running is used
+    and left running. The answer must end at the template's stop token (``done_reason == "stop"``), not at
+    the ``num_predict`` limit: an ``ExportError`` says so otherwise.
+    """
     if not re.fullmatch(r"[a-z0-9][a-z0-9._:/-]*", name):
         raise ValueError(f"Ollama model name {name!r} must be lowercase letters, digits and . _ : / -")
     commands = ollama_commands(result, name, test_prompt)
     shown = [" ".join(shlex.quote(a) for a in c) for c in commands]
     binary = shutil.which("ollama")
+    install = in_colab() if install is None else install
+    if binary is None and install:
+        binary = install_ollama()
     if binary is None:
         print("No `ollama` binary on PATH: skipping deployment. To deploy, install Ollama "
-              "(https://ollama.com/download), start `ollama serve`, then run:\n  " + "\n  ".join(shown))
+              f"(`{OLLAMA_INSTALL}`, or https://ollama.com/download; in Colab pass install_ollama=True), "
+              "start `ollama serve`, then run:\n  " + "\n  ".join(shown))
         return {"deployed": False, "reason": "ollama not on PATH", "commands": shown}
-    proc = subprocess.run([binary, *commands[0][1:]], capture_output=True, text=True, cwd=result.output_dir)
-    if proc.returncode != 0:
-        raise ExportError(f"`{shown[0]}` failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}\n"
-                          "Is the server running? Start it with `ollama serve`.")
-    import ollama
+    url = ollama_url()
+    server = None if ollama_server_up(url) else start_ollama_server(
+        binary, url, Path(result.output_dir) / "ollama-serve.log", server_timeout_s)
+    try:
+        proc = subprocess.run([binary, *commands[0][1:]], capture_output=True, text=True, cwd=result.output_dir)
+        if proc.returncode != 0:
+            raise ExportError(f"`{shown[0]}` failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}\n"
+                              f"The server at {url} is up; check the Modelfile {result.modelfile_path}.")
+        reply = ollama_api(url, "/api/generate", {"model": name, "prompt": test_prompt, "stream": False,
+                                                  "options": {"num_predict": num_predict, "temperature": 0}},
+                           timeout_s=generate_timeout_s)
+    finally:
+        if server is not None:
+            stop_ollama_server(server)
+    report = {"deployed": True, "commands": shown, "response": reply.get("response"),
+              "done_reason": reply.get("done_reason"), "server_started": server is not None, "url": url}
+    if reply.get("done_reason") != "stop":
+        raise ExportError(f"Ollama's answer did not stop at the stop token (done_reason "
+                          f"{reply.get('done_reason')!r} after up to {num_predict} tokens): "
+                          f"{str(reply.get('response'))[:300]!r}. Check the Modelfile's TEMPLATE and PARAMETER "
+                          f"stop in {result.modelfile_path}, or whether the model learned to end its answers.")
+    return report
 
-    reply = ollama.generate(model=name, prompt=test_prompt, options={"num_predict": num_predict, "temperature": 0})
-    return {"deployed": True, "commands": shown, "response": reply["response"], "done_reason": reply.get("done_reason")}
+
+# ----------------------------------------------------------------------------- the merged model, evaluated
+
+# GPU memory an evaluation of the merged model needs beside its weights: the CUDA context, one batch's
+# activations (8 x 2,048 tokens through Llama-3-8B's MLP: ~1.5 GiB) and the chunked logits (~0.6 GiB).
+# Llama-3-8B's merged 15 GiB therefore load whole on a card with 19 GiB free (L4, A10, A100, H100) and are
+# offloaded in part on a 16 GiB card (T4, V100), or wherever the training model still holds memory.
+EVAL_HEADROOM_GIB = 4.0
+MERGED_EVAL_LOADS = ("cpu", "16bit", "offload")
+
+
+def gpu_total_memory_gib() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def gpu_memory_in_use_gib() -> float:
+    """GPU memory this process's torch still holds (a training model something keeps alive, for one)."""
+    import torch
+
+    return torch.cuda.memory_reserved(0) / 2**30 if torch.cuda.is_initialized() else 0.0
+
+
+def gpu_eval_budget_gib() -> float:
+    """GPU memory the merged model's weights may take: what the card has free, less ``EVAL_HEADROOM_GIB``."""
+    return max(1.0, gpu_total_memory_gib() - gpu_memory_in_use_gib() - EVAL_HEADROOM_GIB)
+
+
+def weights_gib(folder: str | os.PathLike) -> float:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**30
+
+
+def merged_eval_load(merged_dir: str | os.PathLike, device: str) -> str:
+    """How the merged model is loaded for its evaluation: 'cpu' (float32, the CPU presets), '16bit' (whole on
+    the GPU in the compute dtype) or 'offload' (device_map='auto': the layers that do not fit stay in CPU
+    memory and move to the GPU for their forward pass; the figures are the 16-bit model's, only slower)."""
+    if device != "cuda":
+        return "cpu"
+    return "16bit" if weights_gib(merged_dir) <= gpu_eval_budget_gib() else "offload"
+
+
+def load_merged_model(merged_dir: str | os.PathLike, load: str, dtype: str, offload_folder: str | os.PathLike):
+    """The merged HF model, loaded as ``merged_eval_load`` decided; ``dtype``: the preset's compute dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if load == "cpu":
+        kwargs: dict = {"dtype": torch.float32}
+    elif load == "16bit":
+        kwargs = {"dtype": getattr(torch, dtype), "device_map": {"": 0}}
+    elif load == "offload":
+        import psutil
+
+        gpu = int(gpu_eval_budget_gib() * 2**30)  # the first layers; the rest in CPU memory, then on disk
+        cpu = int(0.8 * psutil.virtual_memory().available)
+        kwargs = {"dtype": getattr(torch, dtype), "device_map": "auto", "max_memory": {0: gpu, "cpu": cpu},
+                  "offload_folder": str(offload_folder)}
+    else:
+        raise ValueError(f"load must be one of {MERGED_EVAL_LOADS}, got {load!r}")
+    return AutoModelForCausalLM.from_pretrained(merged_dir, **kwargs)
+
+
+def eval_merged_model(merged_dir: str | os.PathLike, examples: list[dict], *, device: str, dtype: str,
+                      batch_size: int = 8) -> dict:
+    """``eval_loss_hf`` of the merged folder, loaded the way the card allows; {"loss", "tokens", "load"}.
+    Release the training model first (``release_training_model``): the decision counts what it still holds."""
+    import torch
+
+    load = merged_eval_load(merged_dir, device)
+    print(f"Evaluating the merged model ({weights_gib(merged_dir):.1f} GiB of weights): load {load!r}")
+    with tempfile.TemporaryDirectory(prefix=".offload-", dir=Path(merged_dir).parent) as offload:
+        model = load_merged_model(merged_dir, load, dtype, offload)
+        try:
+            figures = eval_loss_hf(model, examples, batch_size)
+        finally:
+            del model
+            gc.collect()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+    return {**figures, "load": load}
+
+
+def release_training_model(res) -> bool:
+    """Drop what ``res`` (an ``arms.ArmResult``) and its recorder hold of the training run (model, trainer with
+    its optimizer state, GRIT manager), collect garbage and empty the CUDA cache, so that the merged model
+    has the card to itself. The recorder keeps the GRIT step count it reports.
+
+    Returns True when the model is gone. When something else still holds it (a notebook's ``model`` or
+    ``trainer`` variable), dropping the references frees nothing and would only break later cells: the
+    ones still alive are put back and a warning says what to delete.
+    """
+    import torch
+
+    if res.model is None:
+        return True
+    recorder = res.recorder
+    manager = res.grit_manager if res.grit_manager is not None else getattr(recorder, "grit_manager", None)
+    if manager is not None and recorder is not None:  # the summary reads the count from the manager
+        recorder.update(preconditioned_steps=int(manager.preconditioned_steps))
+    weak = lambda obj: weakref.ref(obj) if obj is not None else (lambda: None)  # noqa: E731
+    held = [(owner, name, weak(getattr(owner, name))) for owner, names in
+            ((res, ("model", "trainer", "grit_manager")), (recorder, ("trainer", "grit_manager")))
+            for name in names if hasattr(owner, name)]  # a SummaryFile recorder holds neither
+    model = held[0][2]
+    del manager
+    for owner, name, _ in held:
+        setattr(owner, name, None)
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if model() is None:
+        return True
+    for owner, name, ref in held:
+        setattr(owner, name, ref())
+    warnings.warn("the training model is still referenced outside the ArmResult (in a notebook: the `model`, "
+                  "`trainer` or `manager` variables), so its memory stays in use while the merged model is "
+                  "evaluated; `del model, trainer` (and `manager`) after building the ArmResult to free it.",
+                  stacklevel=2)
+    return False
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -321,4 +571,6 @@ def eval_loss_gguf(gguf_path: str | os.PathLike, examples: list[dict]) -> dict:
 
 __all__ = ["ExportError", "ExportResult", "MergeError", "export_gguf", "deploy_ollama", "eval_loss_hf",
            "eval_loss_gguf", "load_gguf", "gguf_logits", "chat_template_for", "ollama_template_for",
-           "parse_modelfile", "stop_tokens", "ALPACA_CHAT_TEMPLATE", "ALPACA_OLLAMA_TEMPLATE"]
+           "parse_modelfile", "stop_tokens", "ALPACA_CHAT_TEMPLATE", "ALPACA_OLLAMA_TEMPLATE",
+           "release_training_model", "merged_eval_load", "eval_merged_model", "gpu_total_memory_gib",
+           "ollama_url", "install_ollama", "start_ollama_server", "stop_ollama_server", "OLLAMA_INSTALL"]

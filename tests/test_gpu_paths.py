@@ -3,17 +3,23 @@
 * precision: a T4 (sm75) reports ``torch.cuda.is_bf16_supported() == True`` because that call counts
   emulation, while Unsloth decides by compute capability; every arm must land on the same dtype;
 * padding: Unsloth's ``fix_pad_token`` gives a Llama-3 tokenizer a pad token other than EOS, and the
-  batch hashes cover padded positions; every arm must pad alike.
+  batch hashes cover padded positions; every arm must pad alike;
+* export: the baseline trains on a pre-quantized checkpoint (which the merge refuses), and an 8B merged model
+  in 16-bit (15 GiB) does not fit a 16 GiB card next to the training model, nor whole on its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -171,3 +177,104 @@ def test_hf_arms_train_the_same_batches_without_the_datasets_package(tmp_path):
     assert bare["preconditioned_steps"] == s["preconditioned_steps"] > 0
     assert bare["batch_hashes"] == s["batch_hashes"] and len(s["batch_hashes"]) == s["steps"]
     assert bare["train_loss_per_step"] == s["train_loss_per_step"]
+
+
+def _quantized_copy(folder: Path) -> Path:
+    """What ``unsloth/llama-3-8b-bnb-4bit`` is to the llama3-8b preset: the tiny base's files under a
+    bitsandbytes ``quantization_config`` (the pre-quantized checkpoint the baseline trains on)."""
+    from grit_study.models import tiny_dir
+
+    folder.mkdir()
+    for f in tiny_dir().iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+# Total memory torch reports for a T4 and an H100, in GiB; Llama-3-8B's merged weights are 16.06e9 bytes.
+CARD_GIB = {"T4": 14.57, "H100": 79.1}
+LLAMA3_8B_WEIGHTS_GIB = 16.06e9 / 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm,card,load", [("baseline", None, "cpu"), ("grit", "T4", "offload"),
+                                           ("control", "H100", "16bit")])
+def test_export_merges_into_the_16bit_base_after_releasing_the_training_model(monkeypatch, tmp_path, arm, card, load):
+    """Every arm merges into ``preset.model_id`` (the baseline's own checkpoint is pre-quantized), the training
+    model is gone when the merged one is loaded, and a card too small for the merged model gets it offloaded."""
+    from transformers import AutoModelForCausalLM
+
+    from grit_study import export as ex
+    from grit_study.merge import base_model_folder
+
+    preset = dataclasses.replace(arms.study_preset("tiny"), baseline_model_id=str(_quantized_copy(tmp_path / "bnb")))
+    res = arms.run_hf(preset, "control" if arm == "baseline" else arm, logdir=str(tmp_path / "logs"),
+                      output_dir=str(tmp_path / "out"), train=False)
+    res.arm = arm  # export_figures' baseline path (the Unsloth model is a PeftModel of the same kind)
+    if res.grit_manager is not None:  # as after 3 preconditioned steps: the summary must keep the count
+        res.grit_manager.preconditioned_steps = 3
+    if card is not None:  # a CUDA preset and the 8B's merged weights on this card; the model stays on this CPU
+        res.preset = dataclasses.replace(res.preset, device="cuda", compute_dtype="bfloat16")
+        monkeypatch.setattr(ex, "gpu_total_memory_gib", lambda: CARD_GIB[card], raising=False)
+        monkeypatch.setattr(ex, "weights_gib", lambda folder: LLAMA3_8B_WEIGHTS_GIB, raising=False)
+
+    merged_bases = []
+    merge = ex.merge_lora
+    monkeypatch.setattr(ex, "merge_lora", lambda base, *a, **k: merged_bases.append(Path(base)) or merge(base, *a, **k))
+    model = weakref.ref(res.model)
+    loads = []
+    load_pretrained = AutoModelForCausalLM.from_pretrained
+
+    def loader(path, **kwargs):
+        loads.append({"training_model_alive": model() is not None, **kwargs})
+        return load_pretrained(path, dtype=kwargs.get("dtype"))  # on this CPU, whatever the card
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loader)
+    out = arms.export_figures(res)
+
+    assert merged_bases == [base_model_folder(preset.model_id)]
+    assert [x["training_model_alive"] for x in loads] == [False]
+    assert out["merged_base"] == preset.model_id and out["training_model_released"] is True
+    assert res.model is None and res.trainer is None and model() is None
+    assert out["eval_load"] == load
+    kwargs = loads[0]
+    if load == "cpu":
+        assert kwargs == {"training_model_alive": False, "dtype": torch.float32}
+    elif load == "16bit":
+        assert kwargs["device_map"] == {"": 0} and kwargs["dtype"] == torch.bfloat16
+    else:  # the first 10.6 GiB on the card, the rest in CPU memory (and on disk beyond it)
+        assert kwargs["device_map"] == "auto" and kwargs["dtype"] == torch.bfloat16
+        assert kwargs["max_memory"][0] == int((CARD_GIB["T4"] - ex.EVAL_HEADROOM_GIB) * 2**30)
+        assert kwargs["max_memory"]["cpu"] > 0
+        assert Path(kwargs["offload_folder"]).parent == Path(out["merged_dir"]).parent
+    assert math.isfinite(out["eval_loss_merged"]) and math.isfinite(out["eval_loss_gguf"])
+    # the summary is still written without the model, with the GRIT step count it had
+    res.recorder.update(export=out)
+    assert res.summary["export"]["eval_load"] == load
+    assert res.summary["preconditioned_steps"] == (3 if arm == "grit" else 0)
+
+
+def test_release_keeps_a_training_model_held_elsewhere_and_says_so():
+    """A notebook's ``model`` variable keeps the model alive: dropping the result's references would free
+    nothing and break later cells, so they come back, with a warning that says what to delete."""
+    from grit_study.export import release_training_model
+
+    class Trainer:
+        pass
+
+    model = torch.nn.Linear(4, 4)
+    trainer = Trainer()
+    trainer.model = model
+    trainer_ref = weakref.ref(trainer)
+    recorder = types.SimpleNamespace(trainer=trainer, grit_manager=None)
+    res = types.SimpleNamespace(model=model, trainer=trainer, grit_manager=None, recorder=recorder)
+    del trainer
+    with pytest.warns(UserWarning, match=r"still referenced.*del model, trainer"):
+        assert release_training_model(res) is False
+    assert res.model is model and trainer_ref() is None  # what only the result held is freed all the same
+    ref = weakref.ref(model)
+    del model
+    assert release_training_model(res) is True and ref() is None and res.model is None
