@@ -98,7 +98,8 @@ def badges(repo_url: str = REPO_URL, branch: str = BRANCH) -> str:
 PARAMETERS = {
     "ARM": 'ARM: an arm of the registry (grit_study.registry.ARMS), e.g. "grit", "control", "grit_sgd", "riemannian"; '
            'None = the notebook\'s own arm (01: "baseline", 02: "grit")',
-    "PRESET": 'PRESET: "llama3-8b" (CUDA), "smollm2-135m" (CPU default), "tiny" (tests); None = auto',
+    "PRESET": 'PRESET: "llama3-8b" (CUDA default), "alpaca-smollm2" (CPU default: real instruction data), '
+              '"smollm2-135m" (CPU, synthetic tasks), "tiny" (tests); None = auto',
     "DATA": 'DATA: "synthetic", "hub:vicgalle/alpaca-gpt4", or a .json/.jsonl/.csv path',
     "MAX_STEPS": "MAX_STEPS: optimizer steps",
     "LEARNING_RATE": "LEARNING_RATE: peak learning rate (the sweep tunes it per arm on the validation split)",
@@ -108,6 +109,8 @@ PARAMETERS = {
     "OUTPUT_DIR": "OUTPUT_DIR: trainer outputs, checkpoints and exports (default outputs/, in Colab with USE_DRIVE a "
                   "folder on Drive)",
     "EXPORT": "EXPORT: merge -> GGUF q8_0 -> eval + Ollama Modelfile (default False)",
+    "INSTALL_OLLAMA": "INSTALL_OLLAMA: with EXPORT, install Ollama with its official script when no ollama binary is "
+                      "found (None: only in Colab)",
     "FIGURES_DIR": "FIGURES_DIR: where the plots and results.md go (default readme_files/)",
     "SAVE_STEPS": "SAVE_STEPS: write a resumable checkpoint every this many steps (default 0: none; in Colab with "
                   "USE_DRIVE 25)",
@@ -120,10 +123,10 @@ PARAMETERS = {
 NOTEBOOK_PARAMETERS = {
     "01_baseline_qlora_unsloth": {n: "None" for n in (
         "ARM", "PRESET", "DATA", "MAX_STEPS", "LEARNING_RATE", "SEED", "EVAL_STEPS", "LOGDIR", "OUTPUT_DIR", "EXPORT",
-        "SAVE_STEPS", "RESUME_FROM_CHECKPOINT")},
+        "INSTALL_OLLAMA", "SAVE_STEPS", "RESUME_FROM_CHECKPOINT")},
     "02_pure_grit": {n: "None" for n in (
         "ARM", "PRESET", "DATA", "MAX_STEPS", "LEARNING_RATE", "SEED", "EVAL_STEPS", "LOGDIR", "OUTPUT_DIR", "EXPORT",
-        "SAVE_STEPS", "RESUME_FROM_CHECKPOINT")},
+        "INSTALL_OLLAMA", "SAVE_STEPS", "RESUME_FROM_CHECKPOINT")},
     "03_compare": {n: "None" for n in ("PRESET", "DATA", "LOGDIR", "FIGURES_DIR")},
 }
 

@@ -207,7 +207,6 @@ def test_drive_runs_checkpoint_on_drive_and_continue_the_latest(monkeypatch):
     assert arms.param("OUTPUT_DIR", None, arms.DEFAULT_OUTPUT_DIR) == d["GRIT_OUTPUT_DIR"]
 
 
-@pytest.mark.xfail(reason="needs the lead's change: arms.training_arguments reads GRIT_SAVE_TOTAL_LIMIT", strict=False)
 def test_drive_runs_keep_only_the_newest_checkpoints(monkeypatch):
     from grit_study import arms
     from grit_study.presets import resolve_preset
@@ -257,8 +256,6 @@ def test_resume_checkpoint_passes_other_values_through(tmp_path, capsys):
     assert colab.resume_checkpoint("latest", str(tmp_path), "grit", preset) == str(ckpt)
 
 
-@pytest.mark.xfail(reason="needs the lead's change: notebooks 01/02 pass RESUME_FROM_CHECKPOINT through "
-                          "grit_study.colab.resume_checkpoint", strict=False)
 @pytest.mark.parametrize("name", ["01_baseline_qlora_unsloth", "02_pure_grit"])
 def test_the_notebooks_resolve_latest(name):
     nb = json.loads((nc.NOTEBOOKS / f"{name}.ipynb").read_text())
