@@ -20,6 +20,21 @@ Tiers (issue "A verdict with power"):
    to GRIT's ranks, ``control_rk``, and the one-seed regularizer and EMA runs. A cut whose source adapter
    is not on disk trains the source again first and checks it reproduces the committed run. Reported
    apart from the verdict (``--report`` writes both), so it never enters the verdict's comparison family.
+5. IFEval on the deployed model, only when named (``--tiers 5``, or e.g. ``--tiers 3,5``: after the others):
+   the base model converted to GGUF q8_0 by ``grit_study.ifeval.convert_base_gguf`` and every finished tier-3
+   run's saved adapter merged and converted by ``grit_study.export.export_gguf``, both with the preset's
+   tokenizer and chat template; greedy generation through llama.cpp with one ``--ifeval-max-new-tokens`` for
+   all (default 512, recorded), scored with lm-eval's checkers (``grit_study.ifeval.run_ifeval``), every
+   response saved. Results: ``<run_dir>/ifeval/`` and ``<root>/<preset>/base/ifeval/``; GGUFs under
+   ``<adapters>/<preset>/<run>/export/`` and ``<adapters>/<preset>/base/gguf/`` (the merged folder is removed
+   after conversion). Resumable: a model whose ``ifeval_summary.json`` is complete with the same settings is
+   skipped, a partial one resumes from its saved responses; a folder holding responses made with another
+   max_new_tokens is refused, never overwritten. ``--ifeval-limit N``: the first N prompts only (a smoke
+   run, recorded and never done for the full tier). ``--arms``/``--only`` pick the runs (the base, named
+   ``base`` for ``--only``, stays with ``--arms``). Needs llama-cpp-python (``make .venv/.llama-cpp-0.3.36``).
+   The plan prints an upper-bound estimate: prompts left x max_new_tokens at the tokens/s measured by the
+   preset's earlier IFEval summaries (else ``IFEVAL_DEFAULT_TOKENS_PER_S``), plus each export still to do.
+   ``--report`` adds its table (``ifeval_markdown``) to the verdict once results exist.
 
 Layout: one folder per preset under the log root (``--logdir``, ``tensorboard_logs/sweep/`` by default),
 ``<root>/<preset>/<arm>/lr<lr>_seed<seed>_steps<steps>/``; adapters likewise under ``<adapters>/<preset>/``.
@@ -42,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -53,12 +69,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .files import SUMMARY_NAME, read_summary
+from .files import PER_PROMPT_NAME, SUMMARY_NAME, read_summary
 
 DEFAULT_LOGDIR = "tensorboard_logs/sweep"
 DEFAULT_ADAPTERS = "outputs/sweep"
 REPO = Path(__file__).resolve().parents[1]
-PER_PROMPT_NAME = "per_prompt.jsonl"  # per-prompt test losses next to run_summary.json (grit_study.stats)
 BASE_SEED = 3407
 # In the order they run: the arms without GRIT first.
 TIER1_ARMS = ("control", "riemannian", "control_sgd", "grit", "grit_sgd")
@@ -549,8 +564,378 @@ def write_verdict(logdir: str | os.PathLike, out_dir: str | os.PathLike, preset:
     md = write_report(records, out, image_prefix=str(out).rstrip("/") + "/", pairs=VERDICT_PAIRS,
                       preregistration=verdict_preregistration(preset),
                       note=NOT_FINAL_NOTE if has_preregistration(preset) else REANALYSIS_NOTE)
+    ifeval_md = ifeval_markdown(logdir, preset)  # tier 5; "" without IFEval results (the block is unchanged)
+    if ifeval_md:
+        md = md.rstrip("\n") + "\n\n" + ifeval_md
     atomic_write_text(out / "verdict.md", md)
     return md
+
+
+# ----------------------------------------------------------------------------- tier 5: IFEval on the deployed model
+
+IFEVAL_TIER = 5
+IFEVAL_DIR = "ifeval"   # a model's IFEval files (grit_study.ifeval): <run_dir>/ifeval/, <preset folder>/base/ifeval/
+BASE_NAME = "base"      # the untuned base model's entry: <logdir>/<preset>/base/ and <adapters>/<preset>/base/
+IFEVAL_OUTTYPE = "q8_0"  # what the study deploys (grit_study.arms.export_figures)
+# The estimate before any summary measured a rate (a guess for llama.cpp on a 2-core CPU and SmolLM2-135M
+# q8_0, prompt processing included), and before any export was timed (merge and convert of a 135M model).
+IFEVAL_DEFAULT_TOKENS_PER_S = 30.0
+IFEVAL_DEFAULT_EXPORT_S = 120.0
+# The Makefile target that builds and installs llama-cpp-python (its LLAMA_STAMP; tests check the version).
+LLAMA_CPP_MAKE_TARGET = ".venv/.llama-cpp-0.3.36"
+
+
+@dataclass(frozen=True)
+class IFEvalTarget:
+    """One model the IFEval tier evaluates: the base (``run`` None) or a finished tier-3 run."""
+
+    name: str          # "base" or the run's name (arm/lr.._seed.._steps..)
+    out_dir: Path      # its IFEval files (committed with the logs)
+    export_dir: Path   # its GGUF (under the adapters folder, not committed)
+    run: PlannedRun | None = None
+
+    @property
+    def model_name(self) -> str:
+        return BASE_NAME if self.run is None else f"grit-study-{self.run.arm}"
+
+    @property
+    def gguf_path(self) -> Path:
+        return self.export_dir / f"{self.model_name}.{IFEVAL_OUTTYPE}.gguf"
+
+    def exported(self) -> bool:
+        """The GGUF is there, finished (export_gguf writes the Modelfile last; the base has none)."""
+        return self.gguf_path.is_file() and (self.run is None or (self.export_dir / "Modelfile").is_file())
+
+
+def ifeval_targets(logdir: Path, adapters: Path, preset_name: str) -> tuple[list[IFEvalTarget], list[str]]:
+    """The base and every finished tier-3 run of the preset (``logdir``/``adapters``: the preset's folders),
+    and notes on the tier-3 runs not finished yet (or stale: left out)."""
+    from .presets import resolve_preset
+
+    records = finished_records(logdir, preset_name) if logdir.is_dir() else []
+    targets = [IFEvalTarget(BASE_NAME, logdir / BASE_NAME / IFEVAL_DIR, adapters / BASE_NAME / "gguf")]
+    notes = []
+    for rec in sorted((r for r in records if r["tier"] == 3), key=lambda r: r["run_dir"]):
+        s = read_summary(rec["run_dir"])
+        recorded = s["sweep"].get("definition") or {}
+        run = PlannedRun(3, rec["arm"], rec["learning_rate"], rec["seed"], rec["max_steps"], "full",
+                         (recorded.get("preset") or {}).get("eval_steps"))
+        if Path(rec["run_dir"]) != run_dir(logdir, run) or status(logdir, run, preset_name) != "done":
+            notes.append(f"{rec['run_dir']}: not a finished tier-3 run of the current definition; left out")
+            continue
+        targets.append(IFEvalTarget(run.name, run_dir(logdir, run) / IFEVAL_DIR, adapters / run.name / "export", run))
+    base = resolve_preset(preset_name)
+    planned, _ = plan(records, base.max_steps, base.learning_rate, (3,))
+    waiting = [r for r in planned if r.tier == 3 and status(logdir, r, preset_name) != "done"]
+    if waiting:
+        notes.append(f"{len(waiting)} tier-3 run(s) not finished yet (--tiers 3); their IFEval follows once they are")
+    elif not any(t.run is not None for t in targets):
+        notes.append("no tier-3 run yet (tier 1 chooses the rates first): only the base can be evaluated")
+    return targets, notes
+
+
+def ifeval_status(target: IFEvalTarget, max_new_tokens: int, limit: int | None) -> str:
+    """'done' (a summary with the sweep's record, these settings, and all 541 prompts, or with ``limit`` at
+    least ``limit`` of them), 'other settings' (responses made with another max_new_tokens: refused, never
+    deleted), or 'todo' (nothing yet, a limited or interrupted run: resumed from its saved responses)."""
+    from . import ifeval
+
+    run_file = target.out_dir / ifeval.RUN_NAME
+    if run_file.is_file():
+        old = json.loads(run_file.read_text(encoding="utf-8"))
+        if old.get("max_new_tokens") != max_new_tokens:
+            return "other settings"
+    s = _read_ifeval_summary(target.out_dir)
+    if s is None or "sweep" not in s or s.get("max_new_tokens") != max_new_tokens:
+        return "todo"
+    if s.get("complete") or (limit is not None and s.get("n_prompts", 0) >= limit):
+        return "done"
+    return "todo"
+
+
+def _read_ifeval_summary(out_dir: Path) -> dict | None:
+    from . import ifeval
+
+    path = Path(out_dir) / ifeval.SUMMARY_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _saved_responses(out_dir: Path) -> int:
+    """How many responses a model's folder holds (complete lines; read only, unlike ifeval.read_responses)."""
+    from . import ifeval
+
+    path = out_dir / ifeval.RESPONSES_NAME
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def ifeval_rates(summaries: Iterable[dict]) -> tuple[float, str, float, str]:
+    """(tokens/s, where it comes from, export seconds, where they come from) for the estimate: the means of
+    what earlier IFEval summaries of the preset measured, else ``IFEVAL_DEFAULT_TOKENS_PER_S`` and
+    ``IFEVAL_DEFAULT_EXPORT_S``."""
+    summaries = list(summaries)
+    tps = [s["tokens_per_second"] for s in summaries if s.get("tokens_per_second")]
+    exports = [x for s in summaries if (x := (s.get("sweep") or {}).get("seconds", {}).get("export"))]
+    rate, rate_src = ((sum(tps) / len(tps), f"measured, mean of {len(tps)} summaries") if tps
+                      else (IFEVAL_DEFAULT_TOKENS_PER_S, "default, none measured yet"))
+    export_s, export_src = ((sum(exports) / len(exports), f"measured, mean of {len(exports)}") if exports
+                            else (IFEVAL_DEFAULT_EXPORT_S, "default"))
+    return rate, rate_src, export_s, export_src
+
+
+def ifeval_estimate(targets: Sequence[IFEvalTarget], states: dict[str, str], adapters: Path, *, max_new_tokens: int,
+                    limit: int | None, tokens_per_s: float, export_s: float, retrain_s: float) -> float:
+    """Seconds the models not done will take, an upper bound: every prompt left generates ``max_new_tokens``
+    at ``tokens_per_s``; a model whose GGUF is not on disk adds ``export_s``, and a run whose adapter is not
+    on disk (adapters are not committed) ``retrain_s`` before that."""
+    from . import ifeval
+
+    total = 0.0
+    for t in targets:
+        if states[t.name] != "todo":
+            continue
+        left = max(0, (limit or ifeval.N_PROMPTS) - _saved_responses(t.out_dir))
+        total += left * max_new_tokens / tokens_per_s
+        if not t.exported():
+            total += export_s
+            if t.run is not None and not (adapters / t.run.name / "adapter" / "adapter_config.json").is_file():
+                total += retrain_s
+    return total
+
+
+def llama_cpp_missing() -> str | None:
+    """Why llama.cpp cannot run here (the tier's refusal), or None when ``import llama_cpp`` works."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        return (f"tier {IFEVAL_TIER} (IFEval) generates through llama.cpp, but `import llama_cpp` failed ({e}); "
+                f"build and install llama-cpp-python first: `make {LLAMA_CPP_MAKE_TARGET}`")
+    return None
+
+
+def ifeval_one(target: IFEvalTarget, preset_name: str, logdir: Path, adapters: Path, *, max_new_tokens: int,
+               limit: int | None, progress: bool = True) -> dict:
+    """Export ``target`` to GGUF q8_0 where its GGUF is not on disk (the base through ``convert_base_gguf``, a
+    run's saved adapter merged into the preset's 16-bit base by ``export_gguf``, both with the preset's
+    tokenizer and chat template), run IFEval on it (``run_ifeval``: resumes from saved responses), and add the
+    sweep's record to its summary, last. Returns the summary."""
+    from . import claims, ifeval
+    from .export import chat_template_for, export_gguf
+    from .files import atomic_write_text
+    from .models import load_tokenizer
+    from .presets import resolve_preset
+    from .runs import SummaryFile
+
+    preset = resolve_preset(preset_name) if target.run is None else _preset(preset_name, target.run)
+    tokenizer = load_tokenizer(preset.model_id)
+    jinja = chat_template_for(tokenizer, preset.template)
+    old = _read_ifeval_summary(target.out_dir) or {}
+    seconds = dict((old.get("sweep") or {}).get("seconds", {}))
+    record: dict[str, Any] = {"tier": IFEVAL_TIER, "model": target.name, "export_dir": str(target.export_dir),
+                              "outtype": IFEVAL_OUTTYPE, "template": preset.template, "merged_base": preset.model_id,
+                              "chat_template_sha256": hashlib.sha256(jinja.encode()).hexdigest(),
+                              "max_new_tokens": max_new_tokens, "limit": limit}
+    t0 = time.time()
+    if target.run is None:
+        exported = target.exported()
+        gguf = ifeval.convert_base_gguf(preset.model_id, target.export_dir, tokenizer=tokenizer,
+                                        template=preset.template, outtype=IFEVAL_OUTTYPE, model_name=BASE_NAME)
+    else:
+        adapter_dir = adapters / target.run.name / "adapter"
+        record["adapter_dir"], record["run_dir"] = str(adapter_dir), str(run_dir(logdir, target.run))
+        exported = target.exported()
+        if not exported:
+            if not (adapter_dir / "adapter_config.json").is_file():  # adapters are not committed: train it again
+                claims.retrain_source(preset, arm_spec(target.run.arm), SummaryFile(run_dir(logdir, target.run)).info,
+                                      adapter_dir)
+            result = export_gguf(adapter_dir, preset.model_id, target.export_dir, tokenizer=tokenizer,
+                                 template=preset.template, outtype=IFEVAL_OUTTYPE, model_name=target.model_name)
+            shutil.rmtree(result.merged_dir, ignore_errors=True)  # the GGUF is what is evaluated; merged/ is big
+        gguf = target.gguf_path
+    if not exported:
+        seconds["export"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    summary = ifeval.run_ifeval(gguf, target.out_dir, max_new_tokens=max_new_tokens, limit=limit, progress=progress)
+    seconds["ifeval"] = round(time.time() - t0, 1)
+    summary["sweep"] = {**record, "seconds": seconds}
+    atomic_write_text(target.out_dir / ifeval.SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_ifeval_tier(preset_name: str, logdir: Path, adapters: Path, *, max_new_tokens: int, limit: int | None,
+                    dry_run: bool = False, only: Sequence[str] | None = None, arms: Sequence[str] | None = None,
+                    max_runs: int | None = None) -> int:
+    """Tier 5: print the plan and its estimate, then evaluate each model not done yet, one after the other.
+    Refused (2; 0 for a dry run, which still prints the plan) when llama.cpp is missing or a model's folder
+    holds responses made with another ``max_new_tokens`` (never deleted: move it aside)."""
+    from . import ifeval
+
+    if max_new_tokens < 1:
+        raise ValueError(f"--ifeval-max-new-tokens must be >= 1, got {max_new_tokens}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--ifeval-limit must be >= 1, got {limit}")
+    everything, notes = ifeval_targets(logdir, adapters, preset_name)
+    targets = list(everything)
+    if only:
+        targets = [t for t in targets if t.name in set(only)]
+    if arms:
+        targets = [t for t in targets if t.run is None or t.run.arm in set(arms)]
+    states = {t.name: ifeval_status(t, max_new_tokens, limit) for t in targets}
+    todo = [t for t in targets if states[t.name] == "todo"]
+    conflicts = [t for t in targets if states[t.name] == "other settings"]
+    records = finished_records(logdir, preset_name) if logdir.is_dir() else []
+    long = [sec for r in records if (sec := (r.get("seconds") or {}).get("long"))]
+    rate, rate_src, export_s, export_src = ifeval_rates(
+        s for t in everything if (s := _read_ifeval_summary(t.out_dir)))
+    eta = ifeval_estimate(targets, states, adapters, max_new_tokens=max_new_tokens, limit=limit, tokens_per_s=rate,
+                          export_s=export_s, retrain_s=sum(long) / len(long) if long else DEFAULT_SECONDS["long"])
+    prompts = f"the first {limit} prompts (--ifeval-limit: a smoke run, never the tier's result)" if limit else \
+        f"all {ifeval.N_PROMPTS} prompts"
+    print(f"[sweep] tier {IFEVAL_TIER} (IFEval on the deployed GGUF {IFEVAL_OUTTYPE}), preset {preset_name}: "
+          f"{len(targets)} models, {len(targets) - len(todo) - len(conflicts)} done, {len(todo)} to do"
+          f"{f', {len(conflicts)} with other settings' if conflicts else ''}; greedy, "
+          f"max_new_tokens {max_new_tokens}, {prompts}; estimated {eta / 60:.0f} min (at most: prompts left x "
+          f"max_new_tokens / {rate:.1f} tokens/s ({rate_src}), + {export_s:.0f} s per export ({export_src}))",
+          flush=True)
+    for t in targets:
+        extra = "" if states[t.name] == "done" else (
+            f"  {_saved_responses(t.out_dir)} responses saved, "
+            + ("GGUF on disk" if t.exported() else "GGUF to export" + (
+                "" if t.run is None or (adapters / t.run.name / "adapter" / "adapter_config.json").is_file()
+                else ", adapter not on disk: trained again first")) + f" ({t.gguf_path})")
+        print(f"[sweep]   {states[t.name]:10s} ifeval {t.name} -> {t.out_dir}{extra}", flush=True)
+    for n in notes:
+        print(f"[sweep]   open: {n}", flush=True)
+    if conflicts:
+        print(f"[sweep] REFUSED: IFEval responses made with another max_new_tokens (never deleted): "
+              + "; ".join(f"{t.out_dir} ({json.loads((t.out_dir / ifeval.RUN_NAME).read_text())['max_new_tokens']})"
+                          for t in conflicts)
+              + f". Pass that --ifeval-max-new-tokens, or move the folder(s) aside (e.g. under "
+              "tensorboard_logs/archive/) to generate again with the new one", flush=True)
+        return 0 if dry_run else 2
+    why = llama_cpp_missing() if todo else None
+    if why is not None:
+        print(f"[sweep] REFUSED: {why}", flush=True)
+        return 0 if dry_run else 2
+    if dry_run or not todo:
+        return 0
+    for i, t in enumerate(todo):
+        if max_runs is not None and i >= max_runs:
+            print(f"[sweep] stopping after {i} IFEval model(s) (--max-runs)", flush=True)
+            return 0
+        print(f"[sweep] IFEval {t.name}", flush=True)
+        t0 = time.time()
+        s = ifeval_one(t, preset_name, logdir, adapters, max_new_tokens=max_new_tokens, limit=limit)
+        print(f"[sweep] finished in {time.time() - t0:.0f} s: IFEval {t.name}: prompt strict "
+              f"{s['prompt_level_strict_acc']:.3f}, n {s['n_prompts']}, ended by EOS {s['share_stop']:.0%}", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- tier 5's report
+
+IFEVAL_METRICS = (("prompt_level_strict_acc", "prompt strict"), ("prompt_level_loose_acc", "prompt loose"),
+                  ("inst_level_strict_acc", "instruction strict"), ("inst_level_loose_acc", "instruction loose"))
+IFEVAL_HEADLINE = ("ifeval_strict_mean", "IFEval (strict mean)")  # SmolLM2's authors' "IFEval" figure
+
+
+def ifeval_results(logdir: str | os.PathLike, preset: str | None = None) -> list[dict[str, Any]]:
+    """The IFEval summaries under a preset's folder (with the sweep's record): the base's first, then the
+    finished tier-3 runs', each with ``model``, ``arm`` (None for the base), ``seed`` and ``dir``."""
+    logdir = Path(logdir)
+    out = []
+    base = _read_ifeval_summary(logdir / BASE_NAME / IFEVAL_DIR)
+    if base is not None and "sweep" in base:
+        out.append({**base, "model": BASE_NAME, "arm": None, "seed": None, "dir": str(logdir / BASE_NAME / IFEVAL_DIR)})
+    for rec in sorted(finished_records(logdir, preset), key=lambda r: (r["arm"], r["seed"], r["run_dir"])):
+        d = Path(rec["run_dir"]) / IFEVAL_DIR
+        s = _read_ifeval_summary(d)
+        if rec["tier"] == 3 and s is not None and "sweep" in s:
+            out.append({**s, "model": str(Path(rec["run_dir"]).relative_to(logdir)), "arm": rec["arm"],
+                        "seed": rec["seed"], "dir": str(d)})
+    return out
+
+
+def _prompt_strict(folder: str | os.PathLike) -> dict[str, bool]:
+    from . import ifeval
+
+    path = Path(folder) / ifeval.SCORES_NAME
+    if not path.is_file():
+        return {}
+    return {str(p["key"]): bool(p["prompt_strict"]) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() for p in [json.loads(line)]}
+
+
+def ifeval_markdown(logdir: str | os.PathLike, preset: str | None = None) -> str:
+    """The IFEval section of the verdict (tier 5), "" when the preset has no IFEval results: per model the four
+    accuracies, n, max_new_tokens and the share ended by EOS, with the prompts it follows (strict) that the
+    base does not and vice versa; per arm, mean ± sd over seeds, the difference to the base and its MDE, and
+    grit − control paired by seed. Descriptive: no test, outside the verdict's comparison family."""
+    from .stats import minimum_detectable_effect
+    from .tables import cell, markdown_table, mean_sd, mean_sd_text
+
+    from .ifeval import N_PROMPTS as N_IFEVAL_PROMPTS
+
+    results = ifeval_results(logdir, preset)
+    if not results:
+        return ""
+    base = next((r for r in results if r["arm"] is None), None)
+    settings = lambda r: (r["max_new_tokens"], r["n_prompts"])  # noqa: E731
+    ref = settings(base) if base is not None else max(
+        {settings(r) for r in results}, key=lambda k: sum(settings(r) == k for r in results))
+    base_keys = _prompt_strict(base["dir"]) if base is not None else {}
+    rows = []
+    for r in results:
+        mine = _prompt_strict(r["dir"]) if r["arm"] is not None and base_keys else {}
+        common = set(mine) & set(base_keys)
+        gained = sum(mine[k] and not base_keys[k] for k in common)
+        lost = sum(base_keys[k] and not mine[k] for k in common)
+        rows.append([r["model"] + ("" if r.get("complete") else " (limited)"),
+                     *[cell(r[k], ".3f") for k, _ in (*IFEVAL_METRICS, IFEVAL_HEADLINE)], cell(r["n_prompts"]),
+                     cell(r["max_new_tokens"]), f"{r['share_stop']:.0%}",
+                     f"+{gained} / −{lost}" if common else "–"])
+    md = [f"### IFEval on the deployed model (tier {IFEVAL_TIER})", "",
+          f"Each model exported to GGUF {IFEVAL_OUTTYPE} (the base through the same converter and chat template), "
+          "greedy decoding through llama.cpp with one max_new_tokens for every prompt, scored with lm-eval's IFEval "
+          "checkers (`grit_study.ifeval`; responses and per-prompt scores beside each summary). \"ended by EOS\": "
+          "the share of responses that stopped by themselves rather than at max_new_tokens; \"vs base\": prompts "
+          "this model follows (strict) that the base does not / that the base follows and it does not. "
+          "Descriptive: no test and no p-value, outside the verdict's comparison family.", ""]
+    limited = sorted({r["n_prompts"] for r in results if not r.get("complete")})
+    if limited:
+        md += [f"**Smoke run** (marked limited): only the first {' or '.join(map(str, limited))} of IFEval's "
+               f"{N_IFEVAL_PROMPTS} prompts (--ifeval-limit); not IFEval's score.", ""]
+    md += markdown_table(["model", *[n for _, n in IFEVAL_METRICS], IFEVAL_HEADLINE[1], "n", "max_new_tokens",
+                          "ended by EOS", "vs base (strict prompts)"], rows) + [""]
+    same = [r for r in results if r["arm"] is not None and settings(r) == ref]
+    left_out = [r["model"] for r in results if settings(r) != ref]
+    arms = sorted({r["arm"] for r in same})
+    if arms:
+        key = IFEVAL_HEADLINE[0]
+        agg = []
+        for arm in arms:
+            vals = {r["seed"]: r[key] for r in same if r["arm"] == arm}
+            mean, sd = mean_sd(list(vals.values()))
+            delta = cell(mean - base[key], "+.3f") if base is not None else "–"
+            mde = (cell(minimum_detectable_effect(sd, len(vals)).exact, ".3f") if sd is not None else "–")
+            agg.append([arm, cell(len(vals)),
+                        *[mean_sd_text(*mean_sd([r[k] for r in same if r["arm"] == arm]), ".3f")
+                          for k, _ in (*IFEVAL_METRICS, IFEVAL_HEADLINE)], delta, mde])
+        md += [f"Per arm over training seeds (mean ± sd, sd with n − 1; max_new_tokens {ref[0]}, {ref[1]} prompts). "
+               f"Δ vs base: the arm's mean {IFEVAL_HEADLINE[1]} minus the base's; MDE: the smallest true difference "
+               "from a fixed value that a t-test at these seeds would detect with 80% power at alpha 0.05 "
+               "(noncentral t, observed sd): the resolution of the design, not a test.", ""]
+        md += markdown_table(["arm", "seeds", *[n for _, n in IFEVAL_METRICS], IFEVAL_HEADLINE[1], "Δ vs base",
+                              "MDE"], agg) + [""]
+        by = {a: {r["seed"]: r[IFEVAL_HEADLINE[0]] for r in same if r["arm"] == a} for a in ("grit", "control")}
+        seeds = sorted(set(by["grit"]) & set(by["control"]))
+        if len(seeds) >= 2:
+            diffs = [by["grit"][s] - by["control"][s] for s in seeds]
+            mean, sd = mean_sd(diffs)
+            md += [f"grit − control, paired by seed ({len(seeds)} seeds), {IFEVAL_HEADLINE[1]}: "
+                   f"{mean:+.3f} ± {sd:.3f} (MDE {minimum_detectable_effect(sd, len(seeds)).exact:.3f}).", ""]
+    if left_out:
+        md += [f"Left out of the per-arm rows (other max_new_tokens or number of prompts than "
+               f"{'the base' if base is not None else 'most'}): {', '.join(left_out)}.", ""]
+    return "\n".join(md)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -561,7 +946,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", default=DEFAULT_ADAPTERS,
                         help="where adapters are kept (not committed), per preset in <adapters>/<preset>/")
     parser.add_argument("--preset", default=None, help="preset name (default: GRIT_PRESET or the auto choice)")
-    parser.add_argument("--tiers", default="1,2,3,4", help="comma-separated tiers to run")
+    parser.add_argument("--tiers", default="1,2,3,4",
+                        help=f"comma-separated tiers to run; tier {IFEVAL_TIER} (IFEval on the deployed GGUF of the "
+                        "base and of every finished tier-3 run, through llama.cpp) only when named, after the others")
+    parser.add_argument("--ifeval-max-new-tokens", type=int, default=None, metavar="N",
+                        help="tier 5: one generation limit for every model and prompt, recorded in each summary "
+                        "(default 512, grit_study.ifeval.DEFAULT_MAX_NEW_TOKENS); a folder holding responses made "
+                        "with another value is refused, never overwritten")
+    parser.add_argument("--ifeval-limit", type=int, default=None, metavar="N",
+                        help="tier 5: only IFEval's first N prompts (a smoke run: recorded, marked not complete, "
+                        "never counted as done for the full tier)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimate only")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
     parser.add_argument("--only", default=None, help="comma-separated run names (arm/lr..._seed..._steps..) to run")
@@ -578,6 +972,10 @@ def main(argv: list[str] | None = None) -> int:
     from .presets import resolve_preset
 
     preset_name = args.preset or resolve_preset().name
+    tiers = [int(t) for t in args.tiers.split(",")]
+    unknown = sorted(set(tiers) - {1, 2, 3, 4, IFEVAL_TIER})
+    if unknown:
+        parser.error(f"--tiers: no tier {unknown} (tiers 1-4 train and evaluate, {IFEVAL_TIER} is IFEval)")
     root = Path(args.logdir)
     logdir, adapters = preset_logdir(root, preset_name), preset_logdir(args.adapters, preset_name)
     try:
@@ -611,11 +1009,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _print_preregistration(base)
     steps = base.max_steps
-    tiers = [int(t) for t in args.tiers.split(",")]
+    train_tiers = [t for t in tiers if t != IFEVAL_TIER]
     done_runs = 0
-    while True:
+    while train_tiers:
         records = finished_records(logdir, preset_name) if logdir.is_dir() else []
-        runs, notes = plan(records, steps, base.learning_rate, tiers,
+        runs, notes = plan(records, steps, base.learning_rate, train_tiers,
                            primary_seeds=prereg.seeds if prereg is not None else None)
         if args.only:
             wanted = set(args.only.split(","))
@@ -637,7 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[sweep] REFUSED: {stale_message(logdir, stale, preset_name)}", flush=True)
             return 0 if args.dry_run else 2
         if args.dry_run or not todo:
-            return 0
+            break
         run = todo[0]
         try:
             preregistration_record(run, preset_name)
@@ -660,6 +1058,15 @@ def main(argv: list[str] | None = None) -> int:
             return proc.returncode
         print(f"[sweep] finished in {time.time() - t0:.0f} s: {run.describe()}", flush=True)
         done_runs += 1
+    if IFEVAL_TIER in tiers:
+        from .ifeval import DEFAULT_MAX_NEW_TOKENS
+
+        max_new = args.ifeval_max_new_tokens if args.ifeval_max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
+        left = None if args.max_runs is None else max(0, args.max_runs - done_runs)
+        return run_ifeval_tier(preset_name, logdir, adapters, max_new_tokens=max_new, limit=args.ifeval_limit,
+                               dry_run=args.dry_run, only=args.only.split(",") if args.only else None,
+                               arms=args.arms.split(",") if args.arms else None, max_runs=left)
+    return 0
 
 
 def prereg_mismatch(prereg, preset) -> str | None:
