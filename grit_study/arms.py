@@ -80,7 +80,10 @@ def reprojection_freq(max_steps: int) -> int:
 def study_data(preset: Preset, tokenizer) -> StudyData:
     """The preset's splits (``build_study_data``), refused before any training when the run's steps would draw
     more than a few passes over the train split, or less than one step (``check_run_length``); the epochs it
-    draws go into the data summary."""
+    draws go into the data summary. On a CUDA card the memory plan (``grit_study.memory.check``) is printed: the
+    longest micro-batch of the run's schedule and each kind of arm's estimated peak; a run that cannot fit it is
+    stopped here, before any model is trained."""
+    from . import memory
     from .data import check_run_length
 
     data = build_study_data(tokenizer, source=preset.data, template=preset.template,
@@ -88,6 +91,7 @@ def study_data(preset: Preset, tokenizer) -> StudyData:
                             test_size=preset.test_size, num_examples=preset.num_examples, data_seed=preset.data_seed)
     data.epochs = check_run_length(data, max_steps=preset.max_steps, sequences_per_step=preset.per_device_train_batch_size
                                    * preset.gradient_accumulation_steps)
+    memory.check(preset, data.train)
     return data
 
 
@@ -114,6 +118,9 @@ def training_arguments(preset: Preset, output_dir: str, optimizer: str = "adamw"
         lr_scheduler_type=preset.lr_scheduler_type, max_grad_norm=preset.max_grad_norm, **optim,
         seed=preset.seed, data_seed=preset.seed, logging_steps=preset.logging_steps, report_to="none",
         eval_strategy="no", save_strategy="steps" if preset.save_steps else "no", save_steps=preset.save_steps or 500,
+        # Not a preset field (it changes no result, and a new field would change every run's definition): the
+        # Colab cell sets GRIT_SAVE_TOTAL_LIMIT so checkpoints on Drive do not pile up.
+        save_total_limit=param("SAVE_TOTAL_LIMIT", None, None, int),
         remove_unused_columns=False, disable_tqdm=False,
         bf16=preset.compute_dtype == "bfloat16" and preset.device == "cuda",
         fp16=preset.compute_dtype == "float16" and preset.device == "cuda",
@@ -394,9 +401,16 @@ def run_recorder(preset: Preset, spec: ArmSpec, data: StudyData, model, shared_t
     ``resume_from``, a checkpoint folder, continues the run that wrote it), ``run_summary.json`` with the
     arm's definition, the preset, the data fingerprints and GRIT's config, and the validation loss every
     ``eval_steps``. The trainer builders attach it (``recorder.attach(trainer)``): per-step losses, batch
-    hashes, timings and TensorBoard events."""
+    hashes, timings and TensorBoard events. On a CUDA card the summary's ``memory_plan`` holds the card, the longest
+    micro-batch, this arm's estimated peak and the settings (``grit_study.memory``); an arm that cannot fit it is
+    stopped here."""
+    from . import memory
+
+    plan = memory.check(preset, data.train, kinds=(memory.arm_kind(spec),), quiet=True)
     config = grit_manager.config if grit_manager is not None else grit_config(preset, spec)
     extra = {"grit_config": config.to_dict()} if config is not None else {}
+    if plan is not None:
+        extra["memory_plan"] = memory.for_arm(plan, spec)
     if rank_pattern:
         extra["rank_pattern"] = dict(rank_pattern)
     model_id = preset.baseline_model_id if spec.stack == "unsloth+trl" else preset.model_id

@@ -509,6 +509,43 @@ def check_run_length(data: StudyData, *, max_steps: int, sequences_per_step: int
     return epochs
 
 
+def train_schedule(rows: int, *, batch_size: int, accumulation: int, max_steps: int, seed: int) -> list[list[list[int]]]:
+    """The train-split indices of every micro-batch the HF Trainer draws in ``max_steps`` optimizer steps, in its
+    order: ``schedule[step][micro_batch] = [row indices]``. Computed before training, with no Trainer.
+
+    What it reproduces (transformers 5.17 + accelerate; one process, no length grouping, ``dataloader_drop_last``
+    False, as ``arms.training_arguments`` sets them): ``Trainer._get_train_sampler`` returns a ``RandomSampler``
+    without a generator; ``accelerator.prepare`` replaces it by accelerate's ``SeedableRandomSampler`` seeded with
+    ``args.data_seed`` (``arms.training_arguments`` sets it to the training seed), whose epoch ``e`` is
+    ``torch.randperm(rows)`` from a generator seeded ``seed + e`` (the Trainer calls ``set_epoch(e)``). An epoch's
+    ``ceil(rows / batch_size)`` micro-batches are consecutive slices of that permutation (the last one shorter);
+    an optimizer step takes ``accumulation`` of them, the epoch's last step the remainder (a step never spans
+    two epochs), and training stops after ``max_steps`` steps. The TRL SFTTrainer of the baseline inherits this
+    sampler (the batch hashes prove every arm's batches equal). tests/test_memory_plan.py checks it against the
+    Trainer's own loop."""
+    import math
+
+    import torch
+
+    if rows < 1 or batch_size < 1 or accumulation < 1:
+        raise ValueError(f"train_schedule needs rows, batch_size, accumulation >= 1, got {rows}, {batch_size}, "
+                         f"{accumulation}")
+    micro_per_epoch = math.ceil(rows / batch_size)
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / accumulation))
+    device = torch.get_default_device() if hasattr(torch, "get_default_device") else "cpu"
+    schedule: list[list[list[int]]] = []
+    epoch = 0
+    while len(schedule) < max_steps:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed + epoch)
+        order = torch.randperm(rows, generator=generator).tolist()
+        micro = [order[i:i + batch_size] for i in range(0, rows, batch_size)]
+        for s in range(min(steps_per_epoch, max_steps - len(schedule))):
+            schedule.append(micro[s * accumulation:(s + 1) * accumulation])
+        epoch += 1
+    return schedule
+
+
 def _trainer_rows(examples: Sequence[dict]) -> list[dict]:
     return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
 

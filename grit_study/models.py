@@ -234,6 +234,11 @@ def attach_lora(model, preset: Preset, adapter_name: str = "default", rank_patte
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=preset.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": True} if preset.gradient_checkpointing else None)
+        # Small cards: fp32_embeddings=False casts the embeddings and head prepare_model_for_kbit_training upcast
+        # back to 16 bits (grit_study.memory decides it from the preset and the card, the same for every arm).
+        from .memory import apply_embedding_dtype
+
+        apply_embedding_dtype(model, preset)
     elif preset.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()

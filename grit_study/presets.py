@@ -61,6 +61,12 @@ class Preset:
                   "train / val / test split once, so every training seed sees the same three splits."})
     max_seq_length: int = field(default=2048, metadata={"help": "Sequences are truncated to this many tokens."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
+    fp32_embeddings: bool = field(
+        default=True,
+        metadata={"help": "HF arms: keep the fp32 copy of embed_tokens and lm_head that prepare_model_for_kbit_training "
+                  "makes (True), or cast them back to the compute dtype (False: 1.96 GiB less on Llama-3-8B). The "
+                  "Unsloth arm keeps its own 16-bit ones. resolve_preset sets False on a small card when needed "
+                  "(grit_study.memory.fit_to_card)."})
     data: str = field(
         default="hub:vicgalle/alpaca-gpt4",
         metadata={"help": "Data source: 'hub:<dataset id>', 'synthetic', a path to .json/.jsonl/.csv Alpaca rows, or "
@@ -265,6 +271,12 @@ def resolve_preset(name: str | None = None, **overrides: Any) -> Preset:
 
     Precision is decided here, once, for every arm: a bfloat16 CUDA preset on a GPU without native bf16
     (compute capability < 8.0: T4, V100) computes in float16, as Unsloth would decide for the baseline.
+
+    So is memory, from the preset and the card alone: on a CUDA card under 24 GiB, a Llama-3-8B preset whose
+    largest micro-batch would not fit gets 1 row per micro-batch with the accumulation multiplied to keep the
+    sequences per step (2 x 4 -> 1 x 8), then, if still needed, 16-bit embeddings and head on the HF arms
+    (``grit_study.memory.fit_to_card``; fields given explicitly stay as given). CPU presets and bigger cards
+    keep the preset's settings.
     """
     chosen = name or os.environ.get("GRIT_PRESET") or auto_preset_name()
     if chosen not in PRESETS:
@@ -286,6 +298,10 @@ def resolve_preset(name: str | None = None, **overrides: Any) -> Preset:
     preset = dataclasses.replace(base, **changes)
     if preset.device == "cuda" and preset.compute_dtype == "bfloat16" and cuda_bf16_native() is False:
         preset = dataclasses.replace(preset, compute_dtype="float16")
+    if preset.device == "cuda":
+        from . import memory
+
+        preset = memory.fit_to_card(preset, explicit=frozenset(changes))
     _validate(preset)
     return preset
 
