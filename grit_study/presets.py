@@ -187,26 +187,18 @@ TINY = Preset(
 # not to stop: 512. No prompt is too long for it (no row is dropped). Batches are padded to their longest row, so
 # 512 costs about 2% more per step than 448 (expected micro-batch width 275 against 270 tokens). Every run
 # summary records the shares kept per split (data.token_retention).
-ALPACA_SMOLLM2 = Preset(
+# Otherwise the synthetic study's preset: the same model, LoRA, optimizer, schedule and kfac_update_freq (51 of 60
+# steps preconditioned).
+ALPACA_SMOLLM2 = dataclasses.replace(
+    SMOLLM2_135M,
     name="alpaca-smollm2",
-    model_id="builtin:smollm2-135m",
-    baseline_model_id="builtin:smollm2-135m",
-    device="cpu",
-    compute_dtype="float32",
-    optim="adamw_torch_fused",
-    per_device_train_batch_size=2,
-    gradient_accumulation_steps=4,
-    warmup_steps=5,
-    max_steps=60,
-    learning_rate=2e-4,
     max_seq_length=512,
     template="chat",
     data=ALPACA_SAMPLE,
+    num_examples=0,
     val_size=100,
     test_size=200,
-    eval_steps=20,
     eval_batch_size=8,
-    kfac_update_freq=10,  # as smollm2-135m: 51 of 60 steps preconditioned
     preregistration="docs/preregistration/alpaca-smollm2.json",
 )
 
