@@ -24,25 +24,25 @@ def test_tier1_starts_with_each_familys_grid():
 
 def test_a_best_rate_at_an_edge_adds_one_point_outward_until_it_is_inside():
     grid = sweep.GRIDS["adamw"]
-    recs = [_rec("control", lr, v) for lr, v in zip(grid, (0.9, 0.7, 0.6))]  # best at the high edge
+    recs = [_rec("control", lr, v) for lr, v in zip(grid, (0.9, 0.7, 0.65, 0.6))]  # best at the high edge
     runs, chosen = sweep.tier1_plan(recs, 60, arms=("control",))
     assert [r.learning_rate for r in runs] == [*grid, pytest.approx(grid[-1] * 4)]
     assert chosen["control"] is None  # the new point is not measured yet
     recs.append(_rec("control", grid[-1] * 4, 0.65))
     runs, chosen = sweep.tier1_plan(recs, 60, arms=("control",))
-    assert len(runs) == 4 and chosen["control"] == grid[-1]
+    assert len(runs) == len(grid) + 1 and chosen["control"] == grid[-1]
     # A low edge extends downward; the extensions stop after MAX_EXTENSIONS even if the edge persists.
-    low = [_rec("grit", lr, v) for lr, v in zip(grid, (0.5, 0.6, 0.7))]
+    low = [_rec("grit", lr, v) for lr, v in zip(grid, (0.5, 0.6, 0.7, 0.8))]
     low += [_rec("grit", grid[0] / 4, 0.4), _rec("grit", grid[0] / 16, 0.3)]
     runs, chosen = sweep.tier1_plan(low, 60, arms=("grit",))
-    assert len(runs) == 3 + sweep.MAX_EXTENSIONS and chosen["grit"] == pytest.approx(grid[0] / 16)
+    assert len(runs) == len(grid) + sweep.MAX_EXTENSIONS and chosen["grit"] == pytest.approx(grid[0] / 16)
 
 
 def test_tiers_2_and_3_follow_the_chosen_rates_and_reuse_the_tier1_run():
     recs = []
     for arm in sweep.TIER1_ARMS:
         grid = sweep.GRIDS["sgd" if arm.endswith("_sgd") else "adamw"]
-        recs += [_rec(arm, lr, v) for lr, v in zip(grid, (0.8, 0.5, 0.9))]  # the middle rate wins everywhere
+        recs += [_rec(arm, lr, v) for lr, v in zip(grid, (0.8, 0.5, 0.9, 0.95))]  # an inner rate wins everywhere
     runs, notes = sweep.plan(recs, 60, published_lr=2e-4)
     assert notes == []
     full = [r for r in runs if r.evaluation == "full" and r.steps == 60]
@@ -69,7 +69,7 @@ def test_tier2_alone_still_takes_the_reused_run_as_tier1():
     recs = []
     for arm in sweep.TIER1_ARMS:
         grid = sweep.GRIDS["sgd" if arm.endswith("_sgd") else "adamw"]
-        recs += [_rec(arm, lr, v) for lr, v in zip(grid, (0.8, 0.5, 0.9))]
+        recs += [_rec(arm, lr, v) for lr, v in zip(grid, (0.8, 0.5, 0.9, 0.95))]
     both, _ = sweep.plan(recs, 60, published_lr=2e-4, tiers=(1, 2))
     alone, notes = sweep.plan(recs, 60, published_lr=2e-4, tiers=(2,))
     assert notes == []
@@ -160,15 +160,15 @@ def test_two_presets_in_one_root_leave_each_other_alone(tmp_path, capfd):
     _finished(root, "tiny", tiny[2], val=1.1)
     misplaced = _finished(root, "tiny", tiny[1], val=0.1, summary_preset="smollm2-135m")
     other = [_finished(root, "smollm2-135m", sweep.PlannedRun(1, "control", lr, sweep.BASE_SEED, 60, "val"), val=v)
-             for lr, v in zip(grid, (1.3, 0.9, 1.0))]
+             for lr, v in zip(grid, (1.3, 0.9, 1.0, 1.1))]
     before = _snapshot(root)
 
     assert sorted(r["learning_rate"] for r in sweep.finished_records(root / "tiny", "tiny")) == [grid[0], grid[2]]
-    assert len(sweep.finished_records(root, "smollm2-135m")) == 3 + 1  # its own folder and the misplaced run
+    assert len(sweep.finished_records(root, "smollm2-135m")) == len(grid) + 1  # its own folder and the misplaced run
     with pytest.raises(ValueError, match="several presets"):
         sweep.finished_records(root)
     states = {r.name: sweep.status(root / "tiny", r, "tiny") for r in tiny}
-    assert list(states.values()) == ["done", "stale", "done"]
+    assert list(states.values()) == ["done", "stale", "done", "todo"]
     assert all(sweep.status(root / "smollm2-135m", sweep.PlannedRun(1, "control", lr, sweep.BASE_SEED, 60, "val"),
                             "smollm2-135m") == "done" for lr in grid)
 
@@ -177,7 +177,7 @@ def test_two_presets_in_one_root_leave_each_other_alone(tmp_path, capfd):
               "--arms", "control"]
     assert sweep.main([*common, "--dry-run"]) == 0
     out = capfd.readouterr().out
-    assert f"logdir {root / 'tiny'}: 3 runs planned, 2 done, 1 to do" in out
+    assert f"logdir {root / 'tiny'}: 4 runs planned, 2 done, 2 to do" in out
     assert "REFUSED" in out and f"{misplaced}: " in out and "difference(s)" in out
     # Not a dry run: refused before anything is trained or deleted (--max-runs 0 keeps a broken check from training).
     assert sweep.main([*common, "--max-runs", "0"]) == 2
@@ -286,3 +286,11 @@ def test_per_prompt_losses_are_read_next_to_the_summary_and_checked(tmp_path):
     (d / SUMMARY_NAME).write_text(json.dumps({**summary, "test_loss": 0.9}))
     with pytest.raises(ValueError, match="per_prompt.jsonl: .* test loss is 0.9"):
         sweep.finished_records(tmp_path / "tiny", "tiny")
+
+
+def test_every_family_is_tuned_on_at_least_four_rates_a_factor_apart():
+    """The real-data protocol (issue 22) tunes on at least four rates; the grid stays x4-spaced, so the edge rule's
+    extensions land on the same rates the committed synthetic runs used (tests/test_committed_logs.py)."""
+    for family, grid in sweep.GRIDS.items():
+        assert len(grid) >= 4, family
+        assert all(abs(b / a - sweep.GRID_FACTOR) < 1e-12 for a, b in zip(grid, grid[1:])), family
