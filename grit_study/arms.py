@@ -206,13 +206,14 @@ def retention_figures(res: ArmResult) -> dict[str, Any]:
 
 def final_evaluation(res: ArmResult, *, accuracy: bool | None = None) -> dict[str, Any]:
     """The reported figures of a final run, all into ``run_summary.json``: test loss (token-weighted
-    response CE), exact match overall and per family with every test prediction kept (also as
-    ``predictions.jsonl`` next to the summary), the base model's exact match (cached), retention KL and
-    drift. Without a test split (test_size 0) the validation split stands in and the summary says so.
+    response CE) and the base model's (cached: ``base_test_loss``), exact match overall and per family
+    with every test prediction kept (also as ``predictions.jsonl`` next to the summary), the base model's
+    exact match (cached), retention KL and drift. Without a test split (test_size 0) the validation split stands in and the summary says so.
     Per prompt, the summed response NLL and its token count go into ``per_prompt.jsonl`` next to the summary
     (one ``{"id", "family", "nll_sum", "tokens"}`` per line; Σ nll_sum / Σ tokens is the test loss), so runs
     can be compared prompt by prompt (grit_study.stats)."""
-    from .evaluate import accuracy as tuned_accuracy, base_accuracy_cached, response_nll, write_jsonl, write_predictions
+    from .evaluate import (accuracy as tuned_accuracy, base_accuracy_cached, base_loss_cached, response_nll, write_jsonl,
+                           write_predictions)
     from .files import PER_PROMPT_NAME, PREDICTIONS_NAME
 
     p, data = res.preset, res.data
@@ -227,15 +228,21 @@ def final_evaluation(res: ArmResult, *, accuracy: bool | None = None) -> dict[st
     write_jsonl(Path(res.run_dir) / PER_PROMPT_NAME, [{"id": r["id"], "family": r.get("family"), "nll_sum": s,
                                                       "tokens": n} for r, (s, n) in zip(rows, per_prompt)])
     extra: dict[str, Any] = {"final_split": split, "test_loss": loss, "test_tokens": tokens}
+    fingerprint = data.test_fingerprint if split == "test" else data.val_fingerprint
+    # One key for both stacks: with adapters off they run the same quantized network (the smoke test
+    # checks their step-0 eval losses agree), so the base is measured once per study.
+    key = {"model_id": res.recorder.info["model_id"], f"{split}_fingerprint": fingerprint,
+           "template": p.template, "load_in_4bit": p.load_in_4bit, "compute_dtype": p.compute_dtype}
+    base_loss = base_loss_cached(res.model, examples, pad, key=key, batch_size=p.eval_batch_size)
+    if base_loss["tokens"] != tokens:
+        raise RuntimeError(f"final_evaluation: the base loss was measured on {base_loss['tokens']} response tokens, "
+                           f"this run on {tokens}; the cache key {key} names other examples. Delete the cache "
+                           "entry ($GRIT_ACCURACY_CACHE or <cache_dir>/base_accuracy.json) and rerun")
+    extra.update(base_test_loss=base_loss["loss"], base_test_loss_cached=base_loss["cached"])
     if accuracy is None:
         accuracy = p.data == "synthetic"
     if accuracy and rows:
         tuned = tuned_accuracy(res.model, res.tokenizer, rows, p.template, batch_size=GENERATION_BATCH)
-        fingerprint = data.test_fingerprint if split == "test" else data.val_fingerprint
-        key = {"model_id": res.recorder.info["model_id"], f"{split}_fingerprint": fingerprint,
-               "template": p.template, "load_in_4bit": p.load_in_4bit, "compute_dtype": p.compute_dtype}
-        # One key for both stacks: with adapters off they run the same quantized network (the smoke test
-        # checks their step-0 eval losses agree), so the base is decoded once per study.
         base = base_accuracy_cached(res.model, res.tokenizer, rows, p.template, key=key, batch_size=GENERATION_BATCH)
         write_predictions(Path(res.run_dir) / PREDICTIONS_NAME, tuned["predictions"])
         extra.update(exact_match=tuned["exact_match"], exact_match_n=tuned["n"],

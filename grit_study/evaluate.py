@@ -2,8 +2,9 @@
 prediction kept, and side-by-side responses of the tuned and the base model.
 
 The base model is the same quantized model with its adapters disabled (``disable_adapter()``), so
-"base" means exactly the network every arm started from; its accuracy is cached by model id,
-quantization, template and the evaluated rows' fingerprint, because it does not depend on the arm.
+"base" means exactly the network every arm started from; its accuracy and its response loss are cached
+by model id, quantization, template and the evaluated rows' fingerprint, because they do not depend on
+the arm.
 """
 
 from __future__ import annotations
@@ -265,11 +266,10 @@ def base_model_view(model):
         yield model
 
 
-def base_accuracy_cached(model, tokenizer, rows: Sequence[dict], template: str, *, key: dict[str, Any],
-                         cache_file: str | Path | None = None, batch_size: int = 16) -> dict[str, Any]:
-    """The base model's exact match (overall and per family), computed once per ``key`` (model id, the
-    rows' fingerprint, ...), cached in ``cache_file``, else ``$GRIT_ACCURACY_CACHE``, else
-    ``<cache_dir>/base_accuracy.json``."""
+def _base_cache(key: dict[str, Any], compute, cache_file: str | Path | None) -> dict[str, Any]:
+    """``compute()``'s figures for ``key``, computed once and kept in ``cache_file``, else
+    ``$GRIT_ACCURACY_CACHE``, else ``<cache_dir>/base_accuracy.json`` (one file for every base figure;
+    the keys differ). Returns the figures with ``cached`` saying whether they were read back."""
     from .files import atomic_write_text
     from .models import cache_dir
 
@@ -278,11 +278,35 @@ def base_accuracy_cached(model, tokenizer, rows: Sequence[dict], template: str, 
     k = json.dumps(key, sort_keys=True)
     if k in cache:
         return {**cache[k], "cached": True}
-    with base_model_view(model):
-        result = accuracy(model, tokenizer, rows, template, batch_size=batch_size)
-    cache[k] = {"exact_match": result["exact_match"], "n": result["n"], "per_family": result["per_family"]}
+    cache[k] = compute()
     atomic_write_text(path, json.dumps(cache, indent=2))
     return {**cache[k], "cached": False}
+
+
+def base_accuracy_cached(model, tokenizer, rows: Sequence[dict], template: str, *, key: dict[str, Any],
+                         cache_file: str | Path | None = None, batch_size: int = 16) -> dict[str, Any]:
+    """The base model's exact match (overall and per family), computed once per ``key`` (model id, the
+    rows' fingerprint, ...) and cached (``_base_cache``)."""
+    def compute():
+        with base_model_view(model):
+            result = accuracy(model, tokenizer, rows, template, batch_size=batch_size)
+        return {"exact_match": result["exact_match"], "n": result["n"], "per_family": result["per_family"]}
+
+    return _base_cache(key, compute, cache_file)
+
+
+def base_loss_cached(model, examples: Sequence[dict], pad_token_id: int, *, key: dict[str, Any],
+                     cache_file: str | Path | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """The base model's token-weighted response loss on ``examples`` (``{"loss", "tokens"}``), computed once
+    per ``key`` (which must name the examples' fingerprint) and cached (``_base_cache``). It is what a
+    run's test loss is measured against: the pre-registered margin of a real-data preset is a fraction
+    of the base-to-control gain, and a diverged run counts as the base."""
+    def compute():
+        with base_model_view(model):
+            loss, tokens = eval_loss(model, examples, pad_token_id, batch_size)
+        return {"loss": loss, "tokens": tokens}
+
+    return _base_cache({**key, "measure": "response_loss"}, compute, cache_file)
 
 
 def side_by_side(model, tokenizer, rows: Sequence[dict], template: str, k: int = 4) -> list[dict[str, str]]:

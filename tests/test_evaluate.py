@@ -149,8 +149,9 @@ def test_accuracy_returns_one_scored_prediction_per_row(peft_model, data, tok):
 @pytest.mark.slow
 def test_final_evaluation_saves_per_prompt_sums_that_add_up_to_an_independent_loss(tmp_path, monkeypatch):
     """Per test prompt the saved NLL sum and token count; Σ sums / Σ counts equals the mean response CE of a
-    forward pass computed here (the model's logits, torch's cross_entropy), per prompt too; per retention text
-    its KL sum, adding up to the summary's retention KL."""
+    forward pass computed here (the model's logits, torch's cross_entropy), per prompt too; the base model's
+    test loss likewise, with the adapters zeroed; per retention text its KL sum, adding up to the summary's
+    retention KL."""
     import torch.nn.functional as F
 
     from grit_study import arms
@@ -170,12 +171,13 @@ def test_final_evaluation_saves_per_prompt_sums_that_add_up_to_an_independent_lo
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     monkeypatch.setenv("GRIT_CACHE_DIR", str(tmp_path / "cache"))  # the retention texts, sampled fresh
+    monkeypatch.setenv("GRIT_ACCURACY_CACHE", str(tmp_path / "base_accuracy.json"))  # the base, measured fresh
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / SUMMARY_NAME).write_text(json.dumps({"model_id": preset.model_id}))
     res = arms.ArmResult("control", preset, model, tok, None, SummaryFile(run_dir), data, run_dir,
                          shared_tokenizer=tok)
-    summary = arms.final_evaluation(res, accuracy=False)
+    summary = dict(arms.final_evaluation(res, accuracy=False))
 
     lines = read_jsonl(run_dir / PER_PROMPT_NAME)
     assert [r["id"] for r in lines] == [r["id"] for r in data.test_rows]
@@ -194,11 +196,32 @@ def test_final_evaluation_saves_per_prompt_sums_that_add_up_to_an_independent_lo
     assert mean == pytest.approx(sum(expected_sums) / sum(expected_counts), rel=1e-6)
     assert summary["test_loss"] == pytest.approx(mean, rel=1e-12) and summary["test_tokens"] == sum(expected_counts)
 
+    # The base model's test loss: the same forward pass with every lora_B zeroed (so the adapters add
+    # nothing), not through disable_adapter(), which the code uses.
+    zeroed = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    base_sums = []
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+        for ex in data.test:
+            logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0].double()
+            labels = torch.tensor(ex["labels"][1:])
+            base_sums.append(float(F.cross_entropy(logits[:-1], labels, ignore_index=-100, reduction="sum")))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(zeroed[n])
+    assert summary["base_test_loss"] == pytest.approx(sum(base_sums) / sum(expected_counts), rel=1e-5)
+    assert abs(summary["base_test_loss"] - summary["test_loss"]) > 1e-3  # the adapters count, so the two differ
+    assert summary["base_test_loss_cached"] is False
+
     texts = read_jsonl(run_dir / PER_TEXT_NAME)
     assert [t["index"] for t in texts] == list(range(len(GENERIC_PROMPTS)))
     assert sum(t["tokens"] for t in texts) == summary["retention_tokens"]
     kl = sum(t["kl_sum"] for t in texts) / summary["retention_tokens"]
     assert summary["retention_kl"] > 0 and kl == pytest.approx(summary["retention_kl"], rel=1e-9)
     # Written again (a re-evaluation): replaced, not appended.
-    arms.final_evaluation(res, accuracy=False)
+    again = dict(arms.final_evaluation(res, accuracy=False))
     assert read_jsonl(run_dir / PER_PROMPT_NAME) == lines and read_jsonl(run_dir / PER_TEXT_NAME) == texts
+    # The base is measured once per examples: read back from the cache the second time.
+    assert again["base_test_loss_cached"] is True and again["base_test_loss"] == summary["base_test_loss"]
