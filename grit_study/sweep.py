@@ -4,7 +4,11 @@
     python -m grit_study.sweep --preset smollm2-135m             # run what is not done yet (skips finished runs)
     python -m grit_study.sweep --tiers 1                         # only tier 1 (of the auto preset)
 
-Tiers (issue "A verdict with power"):
+Tiers (issue "A verdict with power"), as the synthetic study's protocol runs them; a pre-registered (real-data)
+preset runs ``REGISTERED`` instead (``Protocol``, issue 22): ``control`` and ``grit`` tuned on the family grid,
+``riemannian``, ``loraplus`` and ``grit_published`` on three rates x4 apart centred on the control's chosen rate,
+no SGD pair, tiers 2 and 3 at seeds after the tuning seed (the control's four pilot seeds before the
+pre-registration, its seeds after), and tiers 1, 2, 3 and 5 by default:
 
 1. Tuning on the validation split: every tuned arm at a x4 learning-rate grid around its family's
    usual value, one seed, ``preset.max_steps`` steps, validation loss only (no decoding, no test).
@@ -75,7 +79,7 @@ DEFAULT_LOGDIR = "tensorboard_logs/sweep"
 DEFAULT_ADAPTERS = "outputs/sweep"
 REPO = Path(__file__).resolve().parents[1]
 BASE_SEED = 3407
-# In the order they run: the arms without GRIT first.
+# In the order they run: the arms without GRIT first (the synthetic protocol; ``Protocol`` below).
 TIER1_ARMS = ("control", "riemannian", "control_sgd", "grit", "grit_sgd")
 # x4 grids of four rates around each family's usual value (the real-data protocol tunes on at least four); SGD's
 # centre is a first measurement's guess, and the edge rule moves the grid where the measurements say. The fourth
@@ -87,6 +91,47 @@ MAX_EXTENSIONS = 2
 TIER2_SEEDS = {"control": 5, "grit": 5, "riemannian": 3, "control_sgd": 3, "grit_sgd": 3, "loraplus": 3,
                "grit_published": 1}
 TIER3_ARMS, TIER3_SEEDS, TIER3_STEPS, TIER3_EVAL_STEPS = ("control", "grit"), 3, 200, 25
+# The real-data protocol (issue 22): peers tuned on x4 grids of three rates centred on the control's chosen
+# rate; the pilot runs the control at the PILOT_SEEDS seeds after the tuning seed.
+RELATIVE_GRID = (1 / GRID_FACTOR, 1.0, GRID_FACTOR)
+PILOT_SEEDS = 4
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Which arms a preset's sweep tunes (tier 1), on which grids, and how many seeds tiers 2 and 3 give each.
+
+    ``synthetic`` is the protocol the synthetic study ran (its committed runs are its plan). ``registered``
+    is the real-data protocol of a pre-registered preset (issue 22): ``control`` and ``grit`` tuned on the
+    family grid, the peers ``riemannian``, ``loraplus`` and ``grit_published`` on grids of their own
+    (``RELATIVE_GRID`` times the control's chosen rate), the SGD pair left out; no seed of tiers 2 and 3 is
+    the tuning seed, so a rate is never tested on the run that chose it."""
+
+    name: str
+    tier1_arms: tuple[str, ...]
+    relative_arms: tuple[str, ...] = ()      # tuned on RELATIVE_GRID x the control's chosen rate
+    at_control_rate: tuple[str, ...] = ()    # not tuned: run at the control's chosen rate
+    at_published_rate: tuple[str, ...] = ()  # not tuned: run at the preset's (the seed protocol's) rate
+    tier2_seeds: tuple[tuple[str, int], ...] = ()
+    seed_offset: int = 0                     # tiers 2 and 3 use seeds BASE_SEED + seed_offset + k
+    default_tiers: tuple[int, ...] = (1, 2, 3, 4)  # what `make sweep` runs without --tiers
+
+    def seeds(self, n: int) -> list[int]:
+        return [BASE_SEED + self.seed_offset + k for k in range(n)]
+
+
+SYNTHETIC = Protocol("synthetic", TIER1_ARMS, at_control_rate=("loraplus",), at_published_rate=("grit_published",),
+                     tier2_seeds=tuple(TIER2_SEEDS.items()))
+REGISTERED = Protocol("registered", ("control", "grit", "riemannian", "loraplus", "grit_published"),
+                      relative_arms=("riemannian", "loraplus", "grit_published"),
+                      tier2_seeds=(("control", PILOT_SEEDS), ("grit", 0), ("riemannian", 3), ("loraplus", 3),
+                                   ("grit_published", 3)),
+                      seed_offset=1, default_tiers=(1, 2, 3, 5))
+
+
+def protocol_for(preset) -> Protocol:
+    """``REGISTERED`` for a preset with a pre-registration (a real-data preset), else ``SYNTHETIC``."""
+    return REGISTERED if getattr(preset, "preregistration", None) else SYNTHETIC
 # Seconds per run before any was measured (2-core CPU, smollm2-135m, 60 steps); measured ones replace them.
 DEFAULT_SECONDS = {"val": 420.0, "full": 600.0, "evaluate": 180.0, "long": 1500.0, "derived": 300.0}
 VERDICT_TIERS = (1, 2, 3)
@@ -327,19 +372,35 @@ def _grid_runs(arm: str, rates: Iterable[float], steps: int) -> list[PlannedRun]
     return [PlannedRun(1, arm, float(lr), BASE_SEED, steps, "val") for lr in rates]
 
 
-def tier1_plan(records: list[dict], steps: int, arms: Iterable[str] = TIER1_ARMS) -> tuple[list[PlannedRun], dict]:
-    """Tier-1 runs: each arm's grid, extended outward while its best finished rate sits at an edge.
+def tier1_plan(records: list[dict], steps: int, arms: Iterable[str] | None = None,
+               protocol: Protocol = SYNTHETIC) -> tuple[list[PlannedRun], dict]:
+    """Tier-1 runs: each arm's grid, extended outward while its best finished rate sits at an edge. An arm of
+    ``protocol.relative_arms`` has its grid once the control's rate is chosen. ``arms``: a subset of the
+    protocol's (default all of them).
 
-    Returns (runs, {arm: chosen rate or None while the arm's grid is unfinished}).
+    Returns (runs, {arm: chosen rate or None while the arm's grid is unfinished or not known yet}).
     """
     from .registry import get_arm
 
     runs, chosen = [], {}
-    for arm in arms:
-        rates = list(GRIDS[get_arm(arm).lr_family])
+    wanted = protocol.tier1_arms if arms is None else tuple(arms)
+    # The control first: the relative grids are centred on its chosen rate.
+    order = sorted(wanted, key=lambda a: (a in protocol.relative_arms, protocol.tier1_arms.index(a)
+                                          if a in protocol.tier1_arms else len(protocol.tier1_arms)))
+    for arm in order:
+        if arm in protocol.relative_arms:
+            centre = chosen.get("control") if "control" in chosen else tier1_plan(records, steps, ("control",),
+                                                                                protocol)[1]["control"]
+            if centre is None:
+                chosen[arm] = None
+                continue
+            start = [centre * f for f in RELATIVE_GRID]
+        else:
+            start = list(GRIDS[get_arm(arm).lr_family])
+        rates = list(start)
         done = {r["learning_rate"]: r["val_loss"] for r in records
                 if r["arm"] == arm and r["tier"] == 1 and r["max_steps"] == steps and r["seed"] == BASE_SEED}
-        while all(_has(done, lr) for lr in rates) and _extensions(rates, arm) < MAX_EXTENSIONS:
+        while all(_has(done, lr) for lr in rates) and len(rates) - len(start) < MAX_EXTENSIONS:
             best = min(rates, key=lambda lr: _get(done, lr))
             if best == rates[0]:
                 rates.insert(0, rates[0] / GRID_FACTOR)
@@ -350,13 +411,8 @@ def tier1_plan(records: list[dict], steps: int, arms: Iterable[str] = TIER1_ARMS
         runs += _grid_runs(arm, rates, steps)
         complete = all(_has(done, lr) for lr in rates)
         chosen[arm] = min(rates, key=lambda lr: _get(done, lr)) if complete else None
-    return runs, chosen
-
-
-def _extensions(rates: list[float], arm: str) -> int:
-    from .registry import get_arm
-
-    return len(rates) - len(GRIDS[get_arm(arm).lr_family])
+    by_arm = {a: [r for r in runs if r.arm == a] for a in wanted}
+    return [r for a in wanted for r in by_arm[a]], {a: chosen[a] for a in wanted}
 
 
 def _has(done: dict, lr: float) -> bool:
@@ -368,23 +424,33 @@ def _get(done: dict, lr: float) -> float:
 
 
 def plan(records: list[dict], steps: int, published_lr: float, tiers: Iterable[int] = (1, 2, 3), *,
-         primary_seeds: Sequence[int] | None = None) -> tuple[list[PlannedRun], list[str]]:
+         primary_seeds: Sequence[int] | None = None,
+         protocol: Protocol = SYNTHETIC) -> tuple[list[PlannedRun], list[str]]:
     """The runs the sweep needs, as far as the finished runs determine them, and notes on what is still open
-    (tiers 2 and 3 need tier 1's chosen rates). ``published_lr``: the seed protocol's rate, at which
-    ``grit_published`` (descriptive, one seed) runs the authors' recipe. ``primary_seeds``: a pre-registration's
-    seeds, which ``control`` and ``grit`` then run at in tier 2 instead of their ``TIER2_SEEDS`` count."""
+    (tiers 2 and 3 need tier 1's chosen rates). ``published_lr``: the seed protocol's rate, at which the
+    protocol's ``at_published_rate`` arms run the authors' recipe. ``primary_seeds``: a pre-registration's
+    seeds, which ``control`` and ``grit`` then run at in tier 2 instead of the protocol's count (under the
+    registered protocol ``grit`` waits for them, and the control's count is the pilot's)."""
     tiers = set(tiers)
-    t1, chosen = tier1_plan(records, steps)
+    notes: list[str] = []
+    t1, chosen = tier1_plan(records, steps, protocol=protocol)
+    if chosen.get("control") is None:
+        notes += [f"tier 1 {arm}: {len(RELATIVE_GRID)} rates x{GRID_FACTOR:g} apart centred on the control's chosen "
+                  "rate, once it is chosen" for arm in protocol.relative_arms]
     # Tier 1 is always planned, and filtered out only after the merge: a tier-2 seed at the tier-1
     # configuration is the tier-1 run, whatever --tiers says, so its summary keeps tier 1 and tier 1
     # keeps the arm's chosen point.
     out = list(t1)
-    notes = []
-    chosen["loraplus"] = chosen.get("control")  # LoRA+ at the control's rate (its ratio is its own knob)
-    chosen["grit_published"] = published_lr
-    for arm, n in TIER2_SEEDS.items():
+    for arm in protocol.at_control_rate:  # LoRA+ at the control's rate (its ratio is its own knob)
+        chosen[arm] = chosen.get("control")
+    for arm in protocol.at_published_rate:
+        chosen[arm] = published_lr
+    for arm, n in protocol.tier2_seeds:
         seeds = (list(primary_seeds) if primary_seeds is not None and arm in ("control", "grit")
-                 else [BASE_SEED + k for k in range(n)])
+                 else protocol.seeds(n))
+        if not seeds:
+            notes.append(f"tier 2 {arm}: the pre-registered seeds, once the pre-registration is final")
+            continue
         lr = chosen.get(arm)
         if lr is None:
             notes.append(f"tier 2 {arm}: {len(seeds)} seed(s) once tier 1 has chosen its learning rate")
@@ -397,8 +463,8 @@ def plan(records: list[dict], steps: int, published_lr: float, tiers: Iterable[i
             notes.append(f"tier 3 {arm}: {TIER3_SEEDS} seeds x {TIER3_STEPS} steps once tier 1 has chosen its rate")
             continue
         if 3 in tiers:
-            out += [PlannedRun(3, arm, lr, BASE_SEED + k, TIER3_STEPS, "full", TIER3_EVAL_STEPS)
-                    for k in range(TIER3_SEEDS)]
+            out += [PlannedRun(3, arm, lr, s, TIER3_STEPS, "full", TIER3_EVAL_STEPS)
+                    for s in protocol.seeds(TIER3_SEEDS)]
     if 4 in tiers:
         from .claims import tier4_plan
 
@@ -627,7 +693,7 @@ def ifeval_targets(logdir: Path, adapters: Path, preset_name: str) -> tuple[list
             continue
         targets.append(IFEvalTarget(run.name, run_dir(logdir, run) / IFEVAL_DIR, adapters / run.name / "export", run))
     base = resolve_preset(preset_name)
-    planned, _ = plan(records, base.max_steps, base.learning_rate, (3,))
+    planned, _ = plan(records, base.max_steps, base.learning_rate, (3,), protocol=protocol_for(base))
     waiting = [r for r in planned if r.tier == 3 and status(logdir, r, preset_name) != "done"]
     if waiting:
         notes.append(f"{len(waiting)} tier-3 run(s) not finished yet (--tiers 3); their IFEval follows once they are")
@@ -948,9 +1014,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", default=DEFAULT_ADAPTERS,
                         help="where adapters are kept (not committed), per preset in <adapters>/<preset>/")
     parser.add_argument("--preset", default=None, help="preset name (default: GRIT_PRESET or the auto choice)")
-    parser.add_argument("--tiers", default="1,2,3,4",
-                        help=f"comma-separated tiers to run; tier {IFEVAL_TIER} (IFEval on the deployed GGUF of the "
-                        "base and of every finished tier-3 run, through llama.cpp) only when named, after the others")
+    parser.add_argument("--tiers", default=None,
+                        help="comma-separated tiers to run (default: the preset's protocol's, 1,2,3,4 for the synthetic "
+                        f"study, 1,2,3,{IFEVAL_TIER} for a pre-registered preset); tier {IFEVAL_TIER} (IFEval on the "
+                        "deployed GGUF of the base and of every finished tier-3 run, through llama.cpp) runs after "
+                        "the others")
     parser.add_argument("--ifeval-max-new-tokens", type=int, default=None, metavar="N",
                         help="tier 5: one generation limit for every model and prompt, recorded in each summary "
                         "(default 512, grit_study.ifeval.DEFAULT_MAX_NEW_TOKENS); a folder holding responses made "
@@ -974,7 +1042,8 @@ def main(argv: list[str] | None = None) -> int:
     from .presets import resolve_preset
 
     preset_name = args.preset or resolve_preset().name
-    tiers = [int(t) for t in args.tiers.split(",")]
+    protocol = protocol_for(resolve_preset(preset_name))
+    tiers = ([int(t) for t in args.tiers.split(",")] if args.tiers is not None else list(protocol.default_tiers))
     unknown = sorted(set(tiers) - {1, 2, 3, 4, IFEVAL_TIER})
     if unknown:
         parser.error(f"--tiers: no tier {unknown} (tiers 1-4 train and evaluate, {IFEVAL_TIER} is IFEval)")
@@ -1016,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
     while train_tiers:
         records = finished_records(logdir, preset_name) if logdir.is_dir() else []
         runs, notes = plan(records, steps, base.learning_rate, train_tiers,
-                           primary_seeds=prereg.seeds if prereg is not None else None)
+                           primary_seeds=prereg.seeds if prereg is not None else None, protocol=protocol_for(base))
         if args.only:
             wanted = set(args.only.split(","))
             runs = [r for r in runs if r.name in wanted]
@@ -1107,9 +1176,10 @@ def write_claims_report(logdir: str | os.PathLike, out_dir: str | os.PathLike, p
     from .files import atomic_write_text
     from .presets import resolve_preset
 
-    steps = resolve_preset(preset_name).max_steps
+    preset = resolve_preset(preset_name)
+    steps = preset.max_steps
     records = finished_records(Path(logdir), preset_name)
-    _, chosen = tier1_plan(records, steps)
+    _, chosen = tier1_plan(records, steps, protocol=protocol_for(preset))
     out = Path(out_dir)
     md = write_claims(records, out, chosen=chosen, steps=steps, base_seed=BASE_SEED,
                       image_prefix=str(out).rstrip("/") + "/")
