@@ -315,3 +315,135 @@ def apply_diverged_rule(a: Mapping[int, float], b: Mapping[int, float], rule: st
         fix = lambda d: {s: (v if math.isfinite(v) else float(base_test_loss)) for s, v in d.items()}
         return fix(a), fix(b), bad
     raise PreregistrationError(f"unknown diverged_runs rule {rule!r}; one of {list(DIVERGED_RULES)}")
+
+
+# ----------------------------------------------------------------------------- filling the template from the pilot
+
+N_CHOICES = (10, 11, 12)  # the rule's candidate n (docs/preregistration/<preset>.json, power.rule)
+
+
+def fill_from_pilot(template: Mapping[str, Any], pilot: list[Mapping[str, Any]], *, source: str = "") -> dict[str, Any]:
+    """The template filled with what the control-only pilot measured, by the template's own rules.
+
+    ``pilot``: the control's runs at its chosen rate, one ``{"run", "seed", "test_loss", "base_test_loss"}`` per
+    seed. Fills ``base_test_loss`` (equal in every run: the same base, measured once), ``margin.inputs`` and
+    ``margin.value`` (``fraction_of_control_gain``), the power calculation (paired sd = sqrt(2) x the pilot's
+    seed sd, n the smallest of ``N_CHOICES`` reaching ``power.target_power`` by ``tost_power``, else the largest
+    with its power written), ``seeds`` (tuning seed + 1, + 2, ...) and ``n``. Refuses a template that is
+    already final, a rule other than ``fraction_of_control_gain``, fewer than two pilot runs, a non-finite loss,
+    or base losses that differ. The result validates as final (``parse_preregistration``)."""
+    import statistics
+
+    from .stats import tost_power
+
+    where = str(template.get("preset", "template"))
+    t = parse_preregistration(template, where, final=False)
+    if t.final:
+        raise PreregistrationError(f"{where}: already final (margin.value is set); a filled pre-registration is "
+                                   "never filled again")
+    if t.margin_rule != "fraction_of_control_gain":
+        raise PreregistrationError(f"{where}: margin.rule is {t.margin_rule!r}; only fraction_of_control_gain is "
+                                   "filled from a pilot")
+    if len(pilot) < 2:
+        raise PreregistrationError(f"the pilot has {len(pilot)} control run(s); its seed sd needs at least 2")
+    losses = [float(r["test_loss"]) for r in pilot]
+    bases = [float(r["base_test_loss"]) for r in pilot]
+    if not all(math.isfinite(x) for x in losses + bases):
+        raise PreregistrationError(f"a pilot loss is not finite (test {losses}, base {bases}); a diverged control "
+                                   "run cannot set the margin")
+    if max(bases) - min(bases) > 1e-9 * max(bases):
+        raise PreregistrationError(f"the pilot's runs measured different base test losses {bases}: they were not "
+                                   "evaluated on the same test split and base model")
+    base = bases[0]
+    margin = fraction_of_control_gain(t.margin_fraction, base, losses)
+    sd = statistics.stdev(losses)
+    paired_sd = math.sqrt(2.0) * sd
+    power_spec = dict(template.get("power") or {})
+    target = float(power_spec.get("target_power", 0.8))
+    powers = {n: tost_power(n, paired_sd, margin, alpha=t.alpha) for n in N_CHOICES}
+    n = next((k for k in N_CHOICES if powers[k] >= target), N_CHOICES[-1])
+    seeds = [t.tuning_seed + 1 + k for k in range(n)]
+
+    out = json.loads(json.dumps(template))  # a deep copy, as JSON holds it
+    out["base_test_loss"] = base
+    out["margin"]["value"] = margin
+    out["margin"]["inputs"] = {"control_test_loss": losses, "control_runs": [str(r["run"]) for r in pilot]}
+    out["seeds"], out["n"] = seeds, n
+    out["power"] = {**power_spec, "control_seed_sd": sd, "sd": paired_sd, "n": n, "power_at_n": powers[n],
+                    "power_by_n": {str(k): powers[k] for k in N_CHOICES}, "reached": powers[n] >= target}
+    out["notes"] = (f"Filled from the control-only pilot ({len(pilot)} control runs at seeds "
+                    f"{', '.join(str(r['seed']) for r in pilot)}, before any GRIT run of this preset) by "
+                    f"`python -m grit_study.prereg fill`{source}. The rules are the template's, unchanged. "
+                    + ("" if powers[n] >= target else
+                       f"n = {n} does not reach the target power {target}: the power reached is {powers[n]:.3f}."))
+    parse_preregistration(out, where, final=True)
+    return out
+
+
+def pilot_runs(preset_name: str, logdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The control-only pilot of a pre-registered preset, read from its sweep folder (``<logdir>/<preset>``):
+    the control's full-evaluation runs at its tier-1 rate and the registered protocol's pilot seeds. Refuses
+    while the pilot is unfinished, and once any run of another arm exists (the pilot must be filled in before
+    any GRIT data is seen)."""
+    from . import sweep
+    from .files import read_summary
+    from .presets import resolve_preset
+
+    preset = resolve_preset(preset_name)
+    folder = sweep.preset_logdir(logdir, preset_name)
+    records = sweep.finished_records(folder, preset_name) if folder.is_dir() else []
+    others = sorted({r["arm"] for r in records} - {CONTROL_ARM})
+    if others:
+        raise PreregistrationError(f"{folder} holds runs of {others}: the pre-registration is filled from the "
+                                   "control-only pilot, before any other arm has run")
+    _, chosen = sweep.tier1_plan(records, preset.max_steps, (CONTROL_ARM,), sweep.REGISTERED)
+    lr = chosen[CONTROL_ARM]
+    if lr is None:
+        raise PreregistrationError(f"the control's tier-1 grid in {folder} is not finished: run "
+                                   f"`make sweep PRESET={preset_name} SWEEP_ARGS=\"--arms control --tiers 1\"`")
+    out = []
+    for seed in sweep.REGISTERED.seeds(sweep.PILOT_SEEDS):
+        run = sweep.PlannedRun(2, CONTROL_ARM, lr, seed, preset.max_steps, "full")
+        summary = read_summary(sweep.run_dir(folder, run), missing_ok=True)
+        if sweep.status(folder, run, preset_name) != "done" or summary is None or "base_test_loss" not in summary:
+            raise PreregistrationError(f"pilot run {run.name} is not finished with its test evaluation: run "
+                                       f"`make sweep PRESET={preset_name} SWEEP_ARGS=\"--arms control --tiers 2\"`")
+        out.append({"run": run.name, "seed": seed, "test_loss": summary["test_loss"],
+                    "base_test_loss": summary["base_test_loss"]})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m grit_study.prereg", description=(
+        "fill a pre-registration template from its preset's control-only pilot (issue 22) and print it; "
+        "--write replaces the file, to be reviewed and committed before any GRIT run"))
+    parser.add_argument("command", choices=["fill"])
+    parser.add_argument("--preset", required=True, help="a pre-registered preset, e.g. alpaca-smollm2")
+    parser.add_argument("--logdir", default="tensorboard_logs/sweep", help="the sweep's log root")
+    parser.add_argument("--write", action="store_true", help="write the filled file in place of the template")
+    args = parser.parse_args(argv)
+
+    from .presets import resolve_preset
+
+    rel = preregistration_path(resolve_preset(args.preset))
+    if rel is None:
+        parser.error(f"preset {args.preset} has no pre-registration")
+    path = Path(__file__).resolve().parents[1] / rel
+    try:
+        template = json.loads(path.read_text(encoding="utf-8"))
+        filled = fill_from_pilot(template, pilot_runs(args.preset, args.logdir), source=f" --preset {args.preset}")
+    except PreregistrationError as e:
+        print(f"[prereg] REFUSED: {e}")
+        return 2
+    text = json.dumps(filled, indent=2) + "\n"
+    print(text, end="")
+    if args.write:
+        path.write_text(text, encoding="utf-8")
+        print(f"[prereg] wrote {rel}: check it, then commit it before any GRIT run")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

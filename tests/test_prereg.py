@@ -267,3 +267,112 @@ def test_the_sweep_refuses_a_preregistration_it_would_not_follow():
     assert sorted(r.seed for r in runs if r.arm == "grit") == [3408, 3409]
     assert sorted(r.seed for r in runs if r.arm == "control") == [3408, 3409]
     assert sorted(r.seed for r in runs if r.arm == "riemannian") == [3407, 3408, 3409]
+
+
+# ----------------------------------------------------------------------------- filling the template (issue 22)
+
+def _template() -> dict:
+    t = json.loads((ROOT / "docs/preregistration/alpaca-smollm2.json").read_text())
+    if t["margin"]["value"] is not None:  # once the committed file is filled, take its rules as a template
+        t.update(base_test_loss=None, seeds=None, n=None)
+        t["margin"].update(value=None, inputs={"control_test_loss": [], "control_runs": []})
+        t["power"].update(sd=None, n=None)
+    return t
+
+
+def _pilot(mean: float, sd: float, base: float = 2.0) -> list[dict]:
+    z = [-1.5, -0.5, 0.5, 1.5]
+    zsd = (sum(v * v for v in z) / 3) ** 0.5  # the sample sd of z (n - 1)
+    return [{"run": f"control/lr3e-03_seed{3408 + k}_steps60", "seed": 3408 + k, "test_loss": mean + sd * v / zsd,
+             "base_test_loss": base} for k, v in enumerate(z)]
+
+
+def _simulated_tost_power(n: int, sd: float, margin: float, sims: int = 40000) -> float:
+    """The paired TOST at 5% (90% t-interval strictly inside ±margin), simulated at a true difference 0."""
+    import numpy as np
+    from scipy import stats
+
+    d = np.random.default_rng(0).normal(0.0, sd, size=(sims, n))
+    mean, se = d.mean(axis=1), d.std(axis=1, ddof=1) / n ** 0.5
+    tc = stats.t.ppf(0.95, n - 1)
+    return float(np.mean((mean - tc * se > -margin) & (mean + tc * se < margin)))
+
+
+@pytest.mark.parametrize("ratio, n", [(0.8, 10), (1.03, 11), (1.15, 12)])
+def test_filling_the_template_applies_its_rules_to_the_pilot(ratio, n):
+    """Margin = 0.1 x (base - mean control) by hand; the paired sd is sqrt(2) x the pilot's seed sd; n is the
+    smallest of 10-12 whose TOST power reaches 0.8, checked by simulating the TOST, not by the code's power
+    function; at 1.15 even 12 falls short, so n = 12 and the file says so."""
+    import math
+    import statistics
+
+    base, mean = 2.0, 1.5
+    margin = 0.1 * (base - mean)
+    seed_sd = ratio * margin / math.sqrt(2)   # paired sd = ratio x margin
+    pilot = _pilot(mean, seed_sd, base)
+    out = prereg.fill_from_pilot(_template(), pilot)
+    p = prereg.parse_preregistration(out, final=True)
+    assert p.margin == pytest.approx(margin, rel=1e-12) and p.base_test_loss == base
+    assert out["power"]["control_seed_sd"] == pytest.approx(statistics.stdev(r["test_loss"] for r in pilot))
+    assert out["power"]["sd"] == pytest.approx(ratio * margin, rel=1e-9)
+    assert p.n == n and list(p.seeds) == list(range(3408, 3408 + n)) and p.tuning_seed not in p.seeds
+    simulated = {k: _simulated_tost_power(k, ratio * margin, margin) for k in (10, 11, 12)}
+    for k in (10, 11, 12):  # 40,000 simulations: a standard error of at most 0.0025
+        assert out["power"]["power_by_n"][str(k)] == pytest.approx(simulated[k], abs=0.01)
+    assert n == next((k for k in (10, 11, 12) if simulated[k] >= 0.8), 12)
+    assert out["power"]["reached"] is (simulated[n] >= 0.8)
+    assert ("does not reach" in out["notes"]) is (n == 12 and not out["power"]["reached"])
+    assert out["margin"]["inputs"]["control_runs"] == [r["run"] for r in pilot]
+    # The rules themselves are the template's, untouched.
+    t = _template()
+    for key in ("primary", "diverged_runs", "tuning_seed"):
+        assert out[key] == t[key]
+    assert {k: out["margin"][k] for k in ("rule", "fraction", "justification")} == \
+        {k: t["margin"][k] for k in ("rule", "fraction", "justification")}
+    assert out["power"]["rule"] == t["power"]["rule"] and out["power"]["target_power"] == t["power"]["target_power"]
+
+
+def test_filling_refuses_what_the_rules_do_not_cover():
+    good = _pilot(1.5, 0.01)
+    with pytest.raises(PreregistrationError, match="different base test losses"):
+        prereg.fill_from_pilot(_template(), [*good[:3], {**good[3], "base_test_loss": 2.1}])
+    with pytest.raises(PreregistrationError, match="not finite"):
+        prereg.fill_from_pilot(_template(), [*good[:3], {**good[3], "test_loss": float("nan")}])
+    with pytest.raises(PreregistrationError, match="at least 2"):
+        prereg.fill_from_pilot(_template(), good[:1])
+    with pytest.raises(PreregistrationError, match="not below the base"):
+        prereg.fill_from_pilot(_template(), _pilot(2.5, 0.01, base=2.0))
+    with pytest.raises(PreregistrationError, match="already final"):
+        prereg.fill_from_pilot(prereg.fill_from_pilot(_template(), good), good)
+
+
+def _write_run(folder: Path, arm: str, lr: float, seed: int, tier: int, *, val=None, test=None, base=None):
+    from grit_study.presets import resolve_preset
+
+    run = sweep.PlannedRun(tier, arm, lr, seed, 60, "val" if test is None else "full")
+    d = sweep.run_dir(folder, run)
+    d.mkdir(parents=True)
+    s = {"arm": arm, "preset": "alpaca-smollm2", "learning_rate": lr, "seed": seed, "max_steps": 60,
+         "eval_loss": {"0": 1.9, "60": val if val is not None else 1.7},
+         "sweep": {"tier": tier, "definition": sweep.definition(run, "alpaca-smollm2")}}
+    if test is not None:
+        s.update(test_loss=test, base_test_loss=base)
+    (d / SUMMARY_NAME).write_text(json.dumps(s))
+    assert resolve_preset("alpaca-smollm2").max_steps == 60
+
+
+def test_the_pilot_is_read_from_the_sweep_folder_and_refused_once_another_arm_ran(tmp_path):
+    folder = sweep.preset_logdir(tmp_path, "alpaca-smollm2")
+    grid = sweep.GRIDS["adamw"]
+    for lr, v in zip(grid, (1.86, 1.74, 1.66, 1.70)):
+        _write_run(folder, "control", lr, 3407, 1, val=v)
+    with pytest.raises(PreregistrationError, match="pilot run control/lr8e-04_seed3408_steps60 is not finished"):
+        prereg.pilot_runs("alpaca-smollm2", tmp_path)
+    for k, loss in enumerate((1.60, 1.62, 1.61, 1.63)):
+        _write_run(folder, "control", grid[2], 3408 + k, 2, test=loss, base=1.95)
+    pilot = prereg.pilot_runs("alpaca-smollm2", tmp_path)
+    assert [(r["seed"], r["test_loss"], r["base_test_loss"]) for r in pilot] == [
+        (3408, 1.60, 1.95), (3409, 1.62, 1.95), (3410, 1.61, 1.95), (3411, 1.63, 1.95)]
+    _write_run(folder, "grit", grid[1], 3407, 1, val=1.7)
+    with pytest.raises(PreregistrationError, match=r"runs of \['grit'\]"):
+        prereg.pilot_runs("alpaca-smollm2", tmp_path)
