@@ -1028,6 +1028,9 @@ def main(argv: list[str] | None = None) -> int:
                         "never counted as done for the full tier)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimate only")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    parser.add_argument("--commit", action="store_true",
+                        help="commit each finished run's log folder to git as it finishes (only that folder; a long "
+                        "sweep's logs land run by run)")
     parser.add_argument("--only", default=None, help="comma-separated run names (arm/lr..._seed..._steps..) to run")
     parser.add_argument("--arms", default=None, help="comma-separated arms to run (e.g. control: a pilot)")
     parser.add_argument("--report", default=None, metavar="DIR",
@@ -1128,6 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[sweep] FAILED ({proc.returncode}) after {time.time() - t0:.0f} s: {run.describe()}", flush=True)
             return proc.returncode
         print(f"[sweep] finished in {time.time() - t0:.0f} s: {run.describe()}", flush=True)
+        if args.commit:
+            commit_run(run_dir(logdir, run), f"Sweep {preset_name} {' '.join(run.describe().split())}")
         done_runs += 1
     if IFEVAL_TIER in tiers:
         from .ifeval import DEFAULT_MAX_NEW_TOKENS
@@ -1138,6 +1143,32 @@ def main(argv: list[str] | None = None) -> int:
                                dry_run=args.dry_run, only=args.only.split(",") if args.only else None,
                                arms=args.arms.split(",") if args.arms else None, max_runs=left)
     return 0
+
+
+COMMIT_RETRY_S = 2.0
+
+
+def commit_run(folder: Path, message: str, repo: str | os.PathLike = REPO) -> bool:
+    """Commit ``folder`` (a finished run's logs) and nothing else: other staged or unstaged changes stay as they
+    are. A failure (no git, a lock held by another commit) is printed and the sweep goes on: the logs are on
+    disk, and a later ``git add`` commits them. Returns whether a commit was made."""
+    rel = os.path.relpath(Path(folder).resolve(), Path(repo).resolve())
+    for args in (["add", "--", rel], ["commit", "-q", "-m", message, "--only", "--", rel]):
+        for attempt in range(3):
+            try:
+                out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+            except FileNotFoundError:
+                print("[sweep] --commit: git is not installed; the run's logs are not committed", flush=True)
+                return False
+            if out.returncode == 0:
+                break
+            time.sleep(COMMIT_RETRY_S * (attempt + 1))  # another git command may hold the index lock
+        else:
+            print(f"[sweep] --commit: git {args[0]} failed for {rel}: {out.stderr.strip()}; commit it by hand",
+                  flush=True)
+            return False
+    print(f"[sweep] committed {rel}: {message}", flush=True)
+    return True
 
 
 def prereg_mismatch(prereg, preset) -> str | None:

@@ -356,3 +356,32 @@ def test_every_family_is_tuned_on_at_least_four_rates_a_factor_apart():
     for family, grid in sweep.GRIDS.items():
         assert len(grid) >= 4, family
         assert all(abs(b / a - sweep.GRID_FACTOR) < 1e-12 for a, b in zip(grid, grid[1:])), family
+
+
+def test_commit_run_commits_the_runs_folder_and_nothing_else(tmp_path, monkeypatch):
+    """--commit: each finished run's folder lands in its own commit; a change staged meanwhile stays staged and
+    out of it."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "README").write_text("x")
+    git("add", "README")
+    git("commit", "-q", "-m", "start")
+    run = tmp_path / "logs" / "control" / "lr2e-04_seed3408_steps60"
+    run.mkdir(parents=True)
+    (run / "run_summary.json").write_text("{}")
+    (tmp_path / "README").write_text("edited, staged, not part of the run")
+    git("add", "README")
+    (tmp_path / "other.txt").write_text("untracked")
+    assert sweep.commit_run(run, "Sweep p tier 2 control", repo=tmp_path)
+    assert git("log", "-1", "--format=%s").strip() == "Sweep p tier 2 control"
+    assert git("show", "--name-only", "--format=", "HEAD").split() == ["logs/control/lr2e-04_seed3408_steps60/run_summary.json"]
+    assert git("diff", "--cached", "--name-only").split() == ["README"]
+    assert "?? other.txt" in git("status", "--porcelain")
+    monkeypatch.setattr(sweep, "COMMIT_RETRY_S", 0.0)
+    assert not sweep.commit_run(tmp_path / "missing", "nothing there", repo=tmp_path)
