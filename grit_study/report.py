@@ -323,6 +323,19 @@ def apply_diverged_rule(records: list[dict[str, Any]], prereg) -> tuple[list[dic
     return out, bad
 
 
+# Why an arm of the synthetic protocol ran at a rate it was not tuned for (grit_study.sweep.SYNTHETIC); under the
+# registered protocol every arm is tuned.
+UNTUNED_REASONS = {"loraplus": "loraplus at the control's rate", "grit_published": "grit_published at the published rate"}
+
+
+def _untuned_text(recs: Sequence[Mapping[str, Any]], order: Sequence[str]) -> str:
+    """The arms evaluated without tier-1 runs of their own, with the rate they ran at where known."""
+    tuned = tuned_arms(recs)
+    untuned = [a for a in order if tuned is not None and a not in tuned]
+    untuned = [a for a in UNTUNED_REASONS if a in untuned] + [a for a in untuned if a not in UNTUNED_REASONS]
+    return ", ".join(UNTUNED_REASONS.get(a, a) for a in untuned) if untuned else "none here"
+
+
 REANALYSIS_NOTE = ("**A re-analysis after the fact (issue 21), not pre-registered.** These runs were planned with "
                    "every other arm in one Holm family (untuned arms and drift labelled too) and exact match "
                    "bootstrapped over prompts only; the tables below re-analyse the same logs with the rules above.")
@@ -385,7 +398,7 @@ def write_report(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLik
           "detectable difference, with the MDE: the smallest true difference the design detects with 80% power "
           "at the row's level (noncentral t), at the observed sd and at the sd's one-sided 95% upper bound "
           "(chi-square). Descriptive rows carry no label and stay outside the family: arms whose rate was not "
-          "tuned on val (loraplus at the control's rate, grit_published at the published rate), drift (a size, "
+          f"tuned on val ({_untuned_text(recs, order)}), drift (a size, "
           "not a quality) and arms with fewer than 2 paired seeds; their interval is an uncorrected 95% one. "
           "Crossed-bootstrap rows resample seeds (paired) and, crossed with them, one common set of test prompts "
           "for every seed and arm (token-weighted for test loss; stratified by family for exact match), at the "

@@ -205,3 +205,18 @@ def test_the_diverged_rule_and_the_answer_follow_the_preregistration(tmp_path):
     assert rows[0]["decision"]["label"] == stats.INCONCLUSIVE  # a loss of 2.0 at one seed widens the interval
     answer = headline.headline_markdown(rows, image=None)
     assert f"**{stats.INCONCLUSIVE}** (TOST)" in answer and "pre-registered as an equivalence test" in answer
+
+
+def test_the_report_names_the_untuned_arms_it_holds(tmp_path):
+    """The descriptive rows' explanation lists the arms evaluated without tier-1 runs of their own: here
+    grit_published (the synthetic protocol's reason given); with every arm tuned (the registered protocol),
+    none."""
+    recs = _sweep()
+    md = report.write_report(recs, tmp_path / "a", n_boot=200)
+    assert "not tuned on val (grit_published at the published rate)" in md
+    rng = np.random.default_rng(1)
+    tuned = [r for r in recs if r["arm"] != "grit_published"] + [
+        _run(rng, "riemannian", lr, 0, tier=1, final=v) for lr, v in ((5e-5, 1.4), (2e-4, 1.25), (8e-4, 1.3))]
+    tuned += [_run(rng, "riemannian", 2e-4, s, tier=2) for s in range(1, 4)]
+    md = report.write_report(tuned, tmp_path / "b", n_boot=200)
+    assert "not tuned on val (none here)" in md and "loraplus" not in md
