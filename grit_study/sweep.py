@@ -6,7 +6,8 @@
 
 Tiers (issue "A verdict with power"), as the synthetic study's protocol runs them; a pre-registered (real-data)
 preset runs ``REGISTERED`` instead (``Protocol``, issue 22): ``control`` and ``grit`` tuned on the family grid,
-``riemannian``, ``loraplus`` and ``grit_published`` on three rates x4 apart centred on the control's chosen rate,
+``riemannian``, ``loraplus`` and ``grit_published`` on three rates x4 apart centred on the control's chosen rate
+(LoRA+, whose lora_B moves 16 x faster, a step lower),
 no SGD pair, tiers 2 and 3 at seeds after the tuning seed (the control's four pilot seeds before the
 pre-registration, its seeds after), and tiers 1, 2, 3 and 5 by default:
 
@@ -104,12 +105,15 @@ class Protocol:
     ``synthetic`` is the protocol the synthetic study ran (its committed runs are its plan). ``registered``
     is the real-data protocol of a pre-registered preset (issue 22): ``control`` and ``grit`` tuned on the
     family grid, the peers ``riemannian``, ``loraplus`` and ``grit_published`` on grids of their own
-    (``RELATIVE_GRID`` times the control's chosen rate), the SGD pair left out; no seed of tiers 2 and 3 is
+    (``RELATIVE_GRID`` times the control's chosen rate, LoRA+'s a step lower), the SGD pair left out; no seed of tiers 2 and 3 is
     the tuning seed, so a rate is never tested on the run that chose it."""
 
     name: str
     tier1_arms: tuple[str, ...]
-    relative_arms: tuple[str, ...] = ()      # tuned on RELATIVE_GRID x the control's chosen rate
+    relative_arms: tuple[str, ...] = ()      # tuned on RELATIVE_GRID x the control's chosen rate x its centre
+    # A relative arm's grid centre as a fraction of the control's rate: LoRA+ moves lora_B at 16 x its rate, so
+    # its grid starts a step lower (the synthetic study's LoRA+ diverged at the control's rate).
+    relative_centres: tuple[tuple[str, float], ...] = ()
     at_control_rate: tuple[str, ...] = ()    # not tuned: run at the control's chosen rate
     at_published_rate: tuple[str, ...] = ()  # not tuned: run at the preset's (the seed protocol's) rate
     tier2_seeds: tuple[tuple[str, int], ...] = ()
@@ -124,6 +128,7 @@ SYNTHETIC = Protocol("synthetic", TIER1_ARMS, at_control_rate=("loraplus",), at_
                      tier2_seeds=tuple(TIER2_SEEDS.items()))
 REGISTERED = Protocol("registered", ("control", "grit", "riemannian", "loraplus", "grit_published"),
                       relative_arms=("riemannian", "loraplus", "grit_published"),
+                      relative_centres=(("loraplus", 1 / GRID_FACTOR),),
                       tier2_seeds=(("control", PILOT_SEEDS), ("grit", 0), ("riemannian", 3), ("loraplus", 3),
                                    ("grit_published", 3)),
                       seed_offset=1, default_tiers=(1, 2, 3, 5))
@@ -394,7 +399,7 @@ def tier1_plan(records: list[dict], steps: int, arms: Iterable[str] | None = Non
             if centre is None:
                 chosen[arm] = None
                 continue
-            start = [centre * f for f in RELATIVE_GRID]
+            start = [centre * dict(protocol.relative_centres).get(arm, 1.0) * f for f in RELATIVE_GRID]
         else:
             start = list(GRIDS[get_arm(arm).lr_family])
         rates = list(start)
