@@ -380,11 +380,12 @@ def fill_from_pilot(template: Mapping[str, Any], pilot: list[Mapping[str, Any]],
     return out
 
 
-def pilot_runs(preset_name: str, logdir: str | os.PathLike) -> list[dict[str, Any]]:
+def pilot_runs(preset_name: str, logdir: str | os.PathLike, *, control_only: bool = True) -> list[dict[str, Any]]:
     """The control-only pilot of a pre-registered preset, read from its sweep folder (``<logdir>/<preset>``):
     the control's full-evaluation runs at its tier-1 rate and the registered protocol's pilot seeds. Refuses
-    while the pilot is unfinished, and once any run of another arm exists (the pilot must be filled in before
-    any GRIT data is seen)."""
+    while the pilot is unfinished, and, with ``control_only`` (filling the file), once any run of another arm
+    exists: the pilot must be filled in before any GRIT data is seen. ``control_only=False`` re-reads the
+    pilot afterwards, to check a committed file against it."""
     from . import sweep
     from .files import read_summary
     from .presets import resolve_preset
@@ -393,7 +394,7 @@ def pilot_runs(preset_name: str, logdir: str | os.PathLike) -> list[dict[str, An
     folder = sweep.preset_logdir(logdir, preset_name)
     records = sweep.finished_records(folder, preset_name) if folder.is_dir() else []
     others = sorted({r["arm"] for r in records} - {CONTROL_ARM})
-    if others:
+    if others and control_only:
         raise PreregistrationError(f"{folder} holds runs of {others}: the pre-registration is filled from the "
                                    "control-only pilot, before any other arm has run")
     _, chosen = sweep.tier1_plan(records, preset.max_steps, (CONTROL_ARM,), sweep.REGISTERED)

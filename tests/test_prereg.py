@@ -376,3 +376,4 @@ def test_the_pilot_is_read_from_the_sweep_folder_and_refused_once_another_arm_ra
     _write_run(folder, "grit", grid[1], 3407, 1, val=1.7)
     with pytest.raises(PreregistrationError, match=r"runs of \['grit'\]"):
         prereg.pilot_runs("alpaca-smollm2", tmp_path)
+    assert prereg.pilot_runs("alpaca-smollm2", tmp_path, control_only=False) == pilot  # re-read to check a file
