@@ -495,12 +495,16 @@ def _merge_reused(runs: list[PlannedRun]) -> list[PlannedRun]:
 
 def estimate(runs: list[PlannedRun], states: dict[str, str], records: list[dict]) -> float:
     """Seconds the runs not yet done will take: the mean measured time of each kind of run so far
-    (``sweep.seconds`` in the summaries), else ``DEFAULT_SECONDS``."""
+    (``sweep.seconds`` in the summaries); a kind not measured yet takes its ``DEFAULT_SECONDS`` scaled by how
+    much slower or faster the measured kinds ran than their defaults (a longer sequence, a slower machine)."""
     measured: dict[str, list[float]] = {}
     for r in records:
         for kind, sec in (r.get("seconds") or {}).items():
-            measured.setdefault(kind, []).append(sec)
-    per = {k: (sum(v) / len(v) if (v := measured.get(k)) else DEFAULT_SECONDS[k]) for k in DEFAULT_SECONDS}
+            if kind in DEFAULT_SECONDS:
+                measured.setdefault(kind, []).append(sec)
+    means = {k: sum(v) / len(v) for k, v in measured.items()}
+    scale = (sum(means[k] / DEFAULT_SECONDS[k] for k in means) / len(means)) if means else 1.0
+    per = {k: means.get(k, DEFAULT_SECONDS[k] * scale) for k in DEFAULT_SECONDS}
     total = 0.0
     for r in runs:
         st = states[r.name]

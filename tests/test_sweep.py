@@ -387,3 +387,15 @@ def test_commit_run_commits_the_runs_folder_and_nothing_else(tmp_path, monkeypat
     assert "?? other.txt" in git("status", "--porcelain")
     monkeypatch.setattr(sweep, "COMMIT_RETRY_S", 0.0)
     assert not sweep.commit_run(tmp_path / "missing", "nothing there", repo=tmp_path)
+
+
+def test_the_estimate_scales_unmeasured_kinds_by_the_measured_ones():
+    """A preset whose tuning runs took twice their default: its first full runs are estimated at twice the
+    default too (before, at the default: the real-data pilot's 4 runs were estimated at 40 min, not ~70)."""
+    runs = [sweep.PlannedRun(1, "control", 2e-4, 3407, 60, "val"), sweep.PlannedRun(2, "control", 2e-4, 3408, 60, "full")]
+    states = {runs[0].name: "todo", runs[1].name: "todo"}
+    recs = [{"seconds": {"val": 2 * sweep.DEFAULT_SECONDS["val"]}}, {"seconds": {"val": 2 * sweep.DEFAULT_SECONDS["val"]}}]
+    assert sweep.estimate(runs, states, recs) == pytest.approx(2 * (sweep.DEFAULT_SECONDS["val"] + sweep.DEFAULT_SECONDS["full"]))
+    recs.append({"seconds": {"full": 700.0}})  # measured: taken as it is
+    assert sweep.estimate(runs, states, recs) == pytest.approx(2 * sweep.DEFAULT_SECONDS["val"] + 700.0)
+    assert sweep.estimate(runs, states, []) == pytest.approx(sweep.DEFAULT_SECONDS["val"] + sweep.DEFAULT_SECONDS["full"])
