@@ -373,9 +373,9 @@ def fill_from_pilot(template: Mapping[str, Any], pilot: list[Mapping[str, Any]],
                     "power_by_n": {str(k): powers[k] for k in N_CHOICES}, "reached": powers[n] >= target}
     out["notes"] = (f"Filled from the control-only pilot ({len(pilot)} control runs at seeds "
                     f"{', '.join(str(r['seed']) for r in pilot)}, before any GRIT run of this preset) by "
-                    f"`python -m grit_study.prereg fill`{source}. The rules are the template's, unchanged. "
+                    f"`python -m grit_study.prereg fill{source}`. The rules are the template's, unchanged."
                     + ("" if powers[n] >= target else
-                       f"n = {n} does not reach the target power {target}: the power reached is {powers[n]:.3f}."))
+                       f" n = {n} does not reach the target power {target}: the power reached is {powers[n]:.3f}."))
     parse_preregistration(out, where, final=True)
     return out
 

@@ -84,13 +84,18 @@ def test_a_bad_preregistration_names_its_field(field, value, message):
         prereg.parse_preregistration(data, "x.json")
 
 
-def test_the_committed_template_is_valid_but_not_final():
+def test_the_committed_preregistration_is_final_and_its_numbers_come_from_the_committed_pilot():
+    """docs/preregistration/alpaca-smollm2.json is final, and filling its template (its rules, numbers nulled)
+    from the committed pilot logs gives it back exactly: every number in it comes from those logs."""
     path = ROOT / "docs" / "preregistration" / "alpaca-smollm2.json"
-    t = prereg.load_preregistration(path, final=False)
-    assert t.preset == "alpaca-smollm2" and not t.final and t.margin_rule == "fraction_of_control_gain"
-    assert t.margin is None and t.tuning_seed == sweep.BASE_SEED
-    with pytest.raises(PreregistrationError, match="alpaca-smollm2.json: field '"):
-        prereg.load_preregistration(path)
+    p = prereg.load_preregistration(path)
+    assert p.preset == "alpaca-smollm2" and p.final and p.tuning_seed == sweep.BASE_SEED and p.steps == 60
+    assert (p.arm, p.reference, p.decides, p.diverged_rule) == ("grit", "control", "paired_t", "base_loss")
+    assert 10 <= p.n <= 12 and list(p.seeds) == list(range(3408, 3408 + p.n))
+    pilot = prereg.pilot_runs("alpaca-smollm2", ROOT / "tensorboard_logs" / "sweep", control_only=False)
+    assert [r["seed"] for r in pilot] == [3408, 3409, 3410, 3411]
+    committed = json.loads(path.read_text())
+    assert prereg.fill_from_pilot(_template(), pilot, source=" --preset alpaca-smollm2") == committed
 
 
 def test_the_diverged_rule_replaces_or_drops_a_non_finite_loss():
