@@ -160,3 +160,18 @@ def test_include_text_links_plots_from_the_page_and_creates_a_missing_page(tmp_p
     (tmp_path / "other.md").write_text("no markers here")
     with pytest.raises(RuntimeError, match="markers"):
         main.include_text(tmp_path / "other.md", "t", "<!-- a -->", "<!-- b -->")
+
+
+def test_the_real_data_status_quotes_the_committed_preregistration():
+    """README's real-data paragraph quotes the margin, n and the two test losses behind the margin as the
+    pre-registration file holds them (which tests/test_prereg.py recomputes from the pilot's logs)."""
+    import json
+
+    from grit_study.prereg import load_preregistration
+
+    p = load_preregistration(ROOT / "docs" / "preregistration" / "alpaca-smollm2.json")
+    losses = json.loads((ROOT / p.path).read_text())["margin"]["inputs"]["control_test_loss"]
+    text = " ".join(README.read_text().split())
+    assert (f"at {p.steps} steps, over {p.n} paired seeds, lies within ±{p.margin:.3f}, a tenth of what LoRA "
+            f"fine-tuning gains over the base model (test loss {p.base_test_loss:.3f} → "
+            f"{sum(losses) / len(losses):.3f})") in text
