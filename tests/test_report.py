@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import pytest
 
 from grit_study import report, stats
 
@@ -220,3 +221,52 @@ def test_the_report_names_the_untuned_arms_it_holds(tmp_path):
     tuned += [_run(rng, "riemannian", 2e-4, s, tier=2) for s in range(1, 4)]
     md = report.write_report(tuned, tmp_path / "b", n_boot=200)
     assert "not tuned on val (none here)" in md and "loraplus" not in md
+
+
+def test_the_registered_answer_gives_each_arm_its_intervals_and_decision_against_the_margin(tmp_path):
+    """README's real-data answer: per arm the paired difference to the control with its 90% and 95% t-intervals
+    (checked against scipy's t-interval on the differences computed here), grit's decision the pre-registered
+    one, a peer's the same rule unadjusted, the base row, IFEval means; "incomplete" while grit lacks a
+    pre-registered seed."""
+    from scipy import stats as sps
+
+    from grit_study import headline
+
+    recs = _prereg_sweep()
+    rng = np.random.default_rng(9)
+    recs += [_run(rng, "riemannian", lr, 0, tier=1, final=v) for lr, v in ((5e-5, 1.4), (2e-4, 1.25), (8e-4, 1.3))]
+    ctrl = {r["seed"]: r["test_loss"] for r in recs if r["arm"] == "control" and r["tier"] == 2}
+    for s in (1, 2, 3):  # riemannian clearly worse than the margin
+        rec = _run(rng, "riemannian", 2e-4, s, tier=2, final=1.3)
+        rec["test_loss"] = ctrl[s] + 0.2 + 0.01 * rng.normal()
+        recs.append(rec)
+    ifeval = [{"arm": None, "ifeval_strict_mean": 0.30}, {"arm": "grit", "ifeval_strict_mean": 0.32},
+              {"arm": "grit", "ifeval_strict_mean": 0.34}, {"arm": "control", "ifeval_strict_mean": 0.31},
+              {"arm": "control", "ifeval_strict_mean": 0.5, "complete": False}]  # a smoke run: left out
+    p = _prereg((1, 2, 3, 4))
+    answer = headline.registered_rows(recs, p, ifeval=ifeval)
+    rows = {r["arm"]: r for r in answer["rows"]}
+    assert list(rows) == ["control", "grit", "riemannian"]
+    grit = {r["seed"]: r["test_loss"] for r in recs if r["arm"] == "grit" and r["tier"] == 2}
+    d = np.array([grit[s] - ctrl[s] for s in sorted(grit)])
+    for level, got in ((0.90, rows["grit"]["equivalence"].ci90), (0.95, rows["grit"]["equivalence"].ci95)):
+        lo, hi = sps.t.interval(level, len(d) - 1, loc=d.mean(), scale=d.std(ddof=1) / np.sqrt(len(d)))
+        assert got == pytest.approx((lo, hi), rel=1e-9)
+    assert rows["grit"]["label"] == stats.EQUIVALENT and rows["riemannian"]["label"] == "worse"
+    assert rows["control"]["equivalence"] is None and rows["grit"]["ifeval"] == [0.32, 0.34]
+    assert rows["control"]["ifeval"] == [0.31] and answer["base_ifeval"] == [0.30]
+    md = headline.registered_markdown(answer, p, image="x/headline.png")
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].split(" | ")[4:8] == ["− control", "90% interval", "95% interval", "vs ±0.05"]
+    assert table[1].startswith("| base (untuned) | – | – | 2.0000 |") and table[1].endswith("| 0.300 |")
+    assert "**equivalent within the margin** (pre-registered)" in table[3] and "| 0.330 ± 0.014 |" in table[3]
+    assert f"[{rows['grit']['equivalence'].ci90[0]:+.4f}, " in table[3]
+    assert "Primary (grit − control, 60 steps, 4 pre-registered seeds): **equivalent within the margin**" in md
+    assert md.endswith("![grit − control, test loss per seed](x/headline.png)")
+    headline.plot_registered(answer, p, tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    # A pre-registered seed still missing: grit's decision is "incomplete", the peers' readings stay.
+    answer = headline.registered_rows(recs, _prereg((1, 2, 3, 4, 5)))
+    rows = {r["arm"]: r for r in answer["rows"]}
+    assert rows["grit"]["label"] == "incomplete" and rows["riemannian"]["label"] == "worse"
+    assert headline.is_registered("alpaca-smollm2") and not headline.is_registered("smollm2-135m")
