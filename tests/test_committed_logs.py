@@ -58,3 +58,47 @@ def test_the_committed_sweep_lives_in_its_preset_folder_and_is_done():
     states = {r.name: sweep.status(logdir, r, SWEEP_PRESET) for r in runs}
     assert len(runs) == len(records) == 63 and notes == []
     assert set(states.values()) == {"done"}, {k: v for k, v in states.items() if v != "done"}
+
+
+REAL_PRESET = "alpaca-smollm2"  # the real-data study (issue 22), pre-registered
+
+
+def _git(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _git_ok(*args: str) -> bool:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True).returncode == 0
+
+
+def test_the_real_data_runs_are_current_and_every_grit_run_follows_the_committed_preregistration():
+    """Every committed run of the real-data preset is finished under the current definition (none stale); every
+    run of an arm other than the control records the pre-registration's commit, which is the commit that last
+    changed the file; and in git history each such run's logs were first committed after it (the
+    pre-registration precedes the first real-data GRIT run)."""
+    from grit_study import sweep
+    from grit_study.prereg import committed_version
+
+    logdir = sweep.preset_logdir(SWEEP_ROOT, REAL_PRESET)
+    records = sweep.finished_records(logdir, REAL_PRESET)
+    assert records, f"no committed run under {logdir}"
+    rel = "docs/preregistration/alpaca-smollm2.json"
+    prereg_commit = committed_version(rel, ROOT)
+    shallow = _git("rev-parse", "--is-shallow-repository") == "true"
+    for r in records:
+        run = sweep.PlannedRun(r["tier"], r["arm"], r["learning_rate"], r["seed"], r["max_steps"], "val")
+        assert sweep.status(logdir, run, REAL_PRESET) == "done", f"{r['run_dir']} is not a current finished run"
+        if r["arm"] == "control":
+            continue
+        recorded = json.loads((Path(r["run_dir"]) / "run_summary.json").read_text())["sweep"].get("preregistration")
+        assert recorded == {"path": rel, "commit": prereg_commit}, (r["run_dir"], recorded)
+        if not shallow:
+            added = _git("log", "--diff-filter=A", "--format=%H", "--", f"{r['run_dir']}/run_summary.json").split()
+            assert added, f"{r['run_dir']} is not committed"
+            first = added[-1]
+            assert first != prereg_commit and _git_ok("merge-base", "--is-ancestor", prereg_commit, first), (
+                f"{r['run_dir']} was first committed in {first}, not after the pre-registration {prereg_commit}")
